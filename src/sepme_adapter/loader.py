@@ -1,0 +1,367 @@
+"""The pipeline mixin: `load_sepme`, `set_erased`, `unload_sepme`, `fuse_sepme` (DESIGN.md).
+
+Like diffusers' `IPAdapterMixin`, a pipeline gains the methods through `SepMELoaderMixin`
+(or `attach(pipe)` on an existing instance). The loader walks the UNet, checks that each
+eraser fits it (layer shapes, text width, base-model fingerprint), and keeps one
+`ErasureRuntime` per UNet; toggling concepts only changes which erasers the processors read.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .base_model import base_linear, fingerprint, fingerprint_mismatch
+from .eraser import Eraser
+from .errors import BaseModelMismatchError, SepMEStateError
+from .processor import ErasureRuntime
+
+RUNTIME_ATTRIBUTE = "_sepme_runtime"
+
+
+class SepMEWarning(UserWarning):
+    """Something works but without the guarantee the user may expect (e.g. approximate separation)."""
+
+
+def _check_relative_name(name: str, what: str) -> None:
+    """Refuse names that would leave the folder or repository (`../`, absolute paths)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+        raise ValueError(f"{what} {name!r} must be a relative path inside the folder or repository")
+
+
+def resolve_eraser_files(
+    source: str | os.PathLike,
+    weight_name: str | None = None,
+    subfolder: str | None = None,
+    **hub_kwargs: Any,
+) -> list[Path]:
+    """Eraser files for a local file, a folder, or a Hub repo id (through `huggingface_hub`).
+
+    A folder or repo without `weight_name` gives every `.safetensors` file in it.
+    Hub downloads honour `HF_HUB_OFFLINE`, the local cache, `revision`, `cache_dir`, `token`.
+    """
+    for value, what in ((weight_name, "weight_name"), (subfolder, "subfolder")):
+        if value is not None:
+            _check_relative_name(value, what)
+    path = Path(source)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if weight_name is not None:
+            return [folder / weight_name]
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no .safetensors eraser files in folder {str(folder)!r}")
+        return files
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    source = str(source)
+    try:
+        if source.endswith(".safetensors"):
+            raise HFValidationError(source)
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(f"eraser file or folder {source!r} does not exist (and is not a Hub repo id)") from None
+
+    if weight_name is not None:
+        return [Path(hf_hub_download(source, weight_name, subfolder=subfolder, **hub_kwargs))]
+    pattern = f"{subfolder}/*.safetensors" if subfolder else "*.safetensors"
+    folder = Path(snapshot_download(source, allow_patterns=[pattern], **hub_kwargs))
+    return resolve_eraser_files(folder, subfolder=subfolder)
+
+
+class SepMELoaderMixin:
+    """Gives a Stable Diffusion pipeline `load_sepme`, `set_erased`, `get_erased`, `list_sepme`,
+    `unload_sepme`, `fuse_sepme` and `unfuse_sepme`."""
+
+    # ------------------------------------------------------------ internals
+    def _sepme(self, create: bool = False) -> ErasureRuntime | None:
+        runtime = getattr(self.unet, RUNTIME_ATTRIBUTE, None)
+        if runtime is None and create:
+            runtime = ErasureRuntime(self.unet)
+            setattr(self.unet, RUNTIME_ATTRIBUTE, runtime)
+        return runtime
+
+    def _sepme_fingerprint(self, runtime: ErasureRuntime) -> dict[str, Any]:
+        cached = getattr(runtime, "base_fingerprint", None)
+        if cached is None:
+            cached = runtime.base_fingerprint = fingerprint(self, getattr(runtime, "fused_originals", None))
+        return cached
+
+    def _check_fits(self, eraser: Eraser, runtime: ErasureRuntime, allow_base_mismatch: bool, source: str) -> None:
+        """Shapes always; the base-model fingerprint unless `allow_base_mismatch`."""
+        for layer_path, w in eraser.weights.items():
+            try:
+                linear = base_linear(self.unet.get_submodule(layer_path))
+            except AttributeError:
+                raise BaseModelMismatchError(
+                    f"{source}: layer {layer_path!r} does not exist in this UNet; the eraser was made for "
+                    f"another architecture (base model {eraser.metadata.get('base_model', 'unknown')!r})"
+                ) from None
+            d_out, d_in = linear.weight.shape
+            expected = (d_out, eraser.basis.shape[1]) if eraser.separable else (d_out, d_in)
+            if tuple(w.shape) != expected:
+                raise BaseModelMismatchError(
+                    f"{source}: {layer_path} has w of shape {tuple(w.shape)}, this UNet needs {expected}; "
+                    f"the eraser was made for another model"
+                )
+            if eraser.separable and eraser.text_width != d_in and layer_path.endswith(("to_k", "to_v")):
+                raise BaseModelMismatchError(
+                    f"{source}: the eraser's basis is for {eraser.text_width}-wide text embeddings but "
+                    f"{layer_path} reads {d_in}-wide ones (SD v1 is 768, SD v2 is 1024)"
+                )
+        stored = eraser.metadata.get("fingerprint")
+        if stored is None:
+            warnings.warn(
+                f"{source}: eraser {eraser.name!r} has no base-model fingerprint (built in memory?), so it "
+                f"cannot be checked against this pipeline's base model", SepMEWarning, stacklevel=4,
+            )
+            return
+        problem = fingerprint_mismatch(stored, self._sepme_fingerprint(runtime))
+        if problem is None:
+            return
+        message = (f"{source}: eraser {eraser.name!r} was trained on base model "
+                   f"{eraser.metadata.get('base_model', 'unknown')!r}, not this pipeline's: {problem}")
+        if not allow_base_mismatch:
+            raise BaseModelMismatchError(message + ". Load it onto its own base model, or pass "
+                                         "allow_base_mismatch=True to use it anyway (erasure may be weaker).")
+        warnings.warn(message + " (loaded anyway: allow_base_mismatch=True)", SepMEWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ API
+    def load_sepme(
+        self,
+        source: str | os.PathLike | Eraser,
+        weight_name: str | None = None,
+        subfolder: str | None = None,
+        adapter_name: str | None = None,
+        erase: bool = True,
+        *,
+        allow_base_mismatch: bool = False,
+        **hub_kwargs: Any,
+    ) -> str | list[str]:
+        """Load one eraser (or every eraser of a folder / Hub repo) and, by default, erase its concept.
+
+        Args:
+            source: a `.safetensors` path, a folder, a Hub repo id, or an in-memory `Eraser`.
+            weight_name: the file inside the folder or repo (default: every `.safetensors` file).
+            subfolder: a folder inside `source`.
+            adapter_name: the name to toggle it by (default: the concept name stored in the file).
+            erase: also erase the concept now (`False`: loaded but restored).
+            allow_base_mismatch: load even if the eraser was trained on another base model.
+            **hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only` for Hub downloads.
+
+        Returns:
+            The adapter name, or a list of names when a folder / repo held several erasers.
+
+        Example:
+            >>> pipe = sepme_adapter.attach(StableDiffusionPipeline.from_pretrained(MODEL))
+            >>> pipe.load_sepme("vangogh.safetensors")
+            'vangogh'
+            >>> pipe.load_sepme("someone/sd15-erasers", weight_name="picasso.safetensors")
+            'picasso'
+        """
+        runtime = self._sepme(create=False)
+        if runtime is not None and runtime.fused and erase:
+            raise SepMEStateError("erasers are fused into the weights; call pipe.unfuse_sepme() before "
+                                  "loading with erase=True (or load with erase=False)")
+        if isinstance(source, Eraser):
+            loaded = [(source, "in-memory eraser")]
+        else:
+            loaded = [(Eraser.load(p), str(p)) for p in resolve_eraser_files(source, weight_name, subfolder,
+                                                                          **hub_kwargs)]
+        if adapter_name is not None and len(loaded) > 1:
+            raise ValueError(f"adapter_name={adapter_name!r} names one eraser but {len(loaded)} were found; "
+                             f"pass weight_name to pick one")
+        names = [adapter_name or eraser.name for eraser, _ in loaded]
+        existing = set(runtime.erasers) if runtime is not None else set()
+        for name in names:
+            if name in existing or names.count(name) > 1:
+                raise ValueError(f"an eraser named {name!r} is already loaded; pass adapter_name=... to load "
+                                 f"another one, or pipe.unload_sepme([{name!r}]) first")
+        created = runtime is None
+        runtime = self._sepme(create=True)
+        try:
+            for eraser, where in loaded:
+                self._check_fits(eraser, runtime, allow_base_mismatch, where)
+        except BaseException:
+            if created and not runtime.erasers:
+                self.unload_sepme()
+            raise
+        for (eraser, _), name in zip(loaded, names):
+            runtime.add(name, eraser)
+        if erase:
+            self.set_erased([*runtime.active, *names])
+        single = isinstance(source, Eraser) or weight_name is not None or Path(source).is_file()
+        return names[0] if single else names
+
+    def set_erased(self, names: Iterable[str]) -> None:
+        """Erase exactly these loaded concepts; every other loaded concept is restored.
+
+        `set_erased([])` gives the original model, bit for bit. Cheap: no weights are copied.
+
+        Example:
+            >>> pipe.set_erased(["picasso", "cezanne"])
+            >>> pipe.set_erased([])
+        """
+        if isinstance(names, (str, bytes)):
+            raise TypeError(f"set_erased takes a list of names, got the string {names!r}; "
+                            f"did you mean set_erased([{names!r}])?")
+        names = list(names)
+        runtime = self._sepme()
+        loaded = list(runtime.erasers) if runtime is not None else []
+        unknown = [n for n in names if n not in loaded]
+        if unknown:
+            raise KeyError(f"no eraser named {unknown} is loaded; loaded: {loaded}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"set_erased got {duplicates} more than once")
+        if runtime is None:
+            return
+        if runtime.fused:
+            raise SepMEStateError("erasers are fused into the weights; call pipe.unfuse_sepme() before set_erased")
+        self._warn_inseparable(runtime, names)
+        runtime.set_active(names)
+
+    def _warn_inseparable(self, runtime: ErasureRuntime, names: list[str]) -> None:
+        erasers = {n: runtime.erasers[n] for n in names}
+        weak = [
+            (a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if not erasers[a].is_separable_from(erasers[b])
+        ]
+        restored = [n for n in runtime.erasers if n not in erasers]
+        leaking = [(a, r) for a in names for r in restored
+                   if not erasers[a].excludes_prompt(runtime.erasers[r].prompt)]
+        if weak or leaking:
+            details = [f"{a} + {b} (not trained knowing each other)" for a, b in weak]
+            details += [f"{a} touches restored {r!r}'s prompt" for a, r in leaking]
+            warnings.warn("this combination has no exact separation guarantee: " + "; ".join(details),
+                          SepMEWarning, stacklevel=3)
+
+    def get_erased(self) -> list[str]:
+        """The names of the erased concepts, in the order they were set."""
+        runtime = self._sepme()
+        return [] if runtime is None else list(runtime.active)
+
+    def list_sepme(self) -> dict[str, dict[str, Any]]:
+        """Every loaded eraser: its concept prompt, known concepts, protected prompts and state."""
+        runtime = self._sepme()
+        if runtime is None:
+            return {}
+        return {
+            name: {
+                "concept": e.name, "prompt": e.prompt, "known": dict(e.known), "protected": list(e.protected),
+                "separable": e.separable, "erased": name in runtime.active, "beta": e.beta,
+                "base_model": e.metadata.get("base_model"),
+            }
+            for name, e in runtime.erasers.items()
+        }
+
+    def unload_sepme(self, names: Iterable[str] | None = None) -> None:
+        """Remove erasers (default: all). With none left, the original processors are back exactly."""
+        runtime = self._sepme()
+        if runtime is None:
+            if names:
+                raise KeyError(f"no eraser named {list(names)} is loaded; loaded: []")
+            return
+        if runtime.fused:
+            raise SepMEStateError("erasers are fused into the weights; call pipe.unfuse_sepme() before unloading")
+        if isinstance(names, (str, bytes)):
+            raise TypeError(f"unload_sepme takes a list of names, got the string {names!r}")
+        names = list(runtime.erasers) if names is None else list(names)
+        unknown = [n for n in names if n not in runtime.erasers]
+        if unknown:
+            raise KeyError(f"no eraser named {unknown} is loaded; loaded: {list(runtime.erasers)}")
+        for name in names:
+            runtime.discard(name)
+        if not runtime.erasers:
+            runtime.remove()
+            delattr(self.unet, RUNTIME_ATTRIBUTE)
+
+    @torch.no_grad()
+    def fuse_sepme(self) -> None:
+        """Bake the active increments into `to_k` / `to_v` (zero run-time overhead); undo with `unfuse_sepme`.
+
+        The original weights are kept (one copy of each changed layer) so unfusing is exact.
+
+        Example:
+            >>> pipe.set_erased(["vangogh"]); pipe.fuse_sepme(); image = pipe(prompt).images[0]
+            >>> pipe.unfuse_sepme()
+        """
+        runtime = self._sepme()
+        if runtime is None or not runtime.active:
+            raise SepMEStateError("nothing is erased, so there is nothing to fuse; load_sepme / set_erased first")
+        if runtime.fused:
+            raise SepMEStateError("erasers are already fused; call pipe.unfuse_sepme() first")
+        self._sepme_fingerprint(runtime)  # of the original weights, before they change
+        totals: dict[str, torch.Tensor] = {}
+        for name in runtime.active:
+            eraser = runtime.erasers[name]
+            for layer_path in eraser.weights:
+                delta = eraser.delta(layer_path)
+                totals[layer_path] = delta if layer_path not in totals else totals[layer_path] + delta
+        originals = {}
+        for layer_path, delta in totals.items():
+            weight = base_linear(self.unet.get_submodule(layer_path)).weight
+            originals[layer_path] = weight.detach().clone()
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+        runtime.fused_originals = originals
+        runtime.fused = True
+
+    @torch.no_grad()
+    def unfuse_sepme(self) -> None:
+        """Restore the exact weights saved by `fuse_sepme`; erasers apply at run time again."""
+        runtime = self._sepme()
+        if runtime is None or not runtime.fused:
+            raise SepMEStateError("nothing is fused; call pipe.fuse_sepme() first")
+        for layer_path, original in runtime.fused_originals.items():
+            base_linear(self.unet.get_submodule(layer_path)).weight.copy_(original)
+        runtime.fused_originals = {}
+        runtime.fused = False
+
+
+_MIXIN_METHODS = [
+    name for name, value in vars(SepMELoaderMixin).items()
+    if callable(value) and not name.startswith("__")
+]
+
+
+def attach(pipe: Any) -> Any:
+    """Bind the SepME methods to an existing pipeline instance and return the same object.
+
+    Works for any pipeline with a `UNet2DConditionModel` (`unet`) and a CLIP text encoder with
+    `encode_prompt` (StableDiffusion, Img2Img, Inpaint; SD v1 and v2). Nothing is patched globally.
+
+    Example:
+        >>> pipe = sepme_adapter.attach(StableDiffusionPipeline.from_pretrained(MODEL))
+    """
+    missing = [a for a in ("unet", "text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, a, None) is None]
+    if missing:
+        raise TypeError(f"{type(pipe).__name__} lacks {missing}; SepME needs a Stable Diffusion pipeline "
+                        f"(UNet2DConditionModel + CLIP text encoder)")
+    if isinstance(pipe, SepMELoaderMixin):
+        return pipe
+    for name in _MIXIN_METHODS:
+        object.__setattr__(pipe, name, types.MethodType(getattr(SepMELoaderMixin, name), pipe))
+    return pipe
+
+
+class SepMEStableDiffusionPipeline(SepMELoaderMixin, StableDiffusionPipeline):
+    """`StableDiffusionPipeline` with the SepME methods.
+
+    Example:
+        >>> pipe = SepMEStableDiffusionPipeline.from_pretrained(MODEL)
+        >>> pipe.load_sepme("vangogh.safetensors")
+    """
+
+
+__all__ = ["SepMELoaderMixin", "SepMEStableDiffusionPipeline", "SepMEWarning", "attach", "resolve_eraser_files"]
