@@ -13,7 +13,7 @@ from sepme_adapter.basis import null_space_basis
 from sepme_adapter.random_pipeline import tiny_pipeline
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription
 
 CONCEPTS = {
     "vangogh": "a painting by van gogh",

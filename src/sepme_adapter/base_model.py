@@ -40,6 +40,25 @@ def base_linear(module: nn.Module) -> nn.Linear:
     return module
 
 
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None) -> Any:
+    """`StableDiffusionPipeline.from_pretrained` (a local folder or a Hub id) with the SepME methods attached.
+
+    `dtype`: "float32", "float16" or "bfloat16" (default float32 on CPU, float16 on CUDA).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from .loader import attach
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model, torch_dtype=getattr(torch, dtype), safety_checker=None, requires_safety_checker=False
+    )
+    return attach(pipe.to(device))
+
+
 @torch.no_grad()
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
     """Text-encoder outputs `c` (`n x L x d_in`, float32, CPU) exactly as the pipeline computes them."""
