@@ -651,17 +651,15 @@ def _erase_command(args: Any) -> int:
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     out = Path(args.out)
-    shard = None
-    state = None
-    try:
-        from accelerate import PartialState
+    # Under `accelerate launch` (or torchrun) each process trains its share of the concepts.
+    from accelerate import PartialState
 
-        state = PartialState()
-        if state.num_processes > 1:
-            shard = (state.process_index, state.num_processes)
-    except (ImportError, RuntimeError, ValueError):
-        state = None
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    device = args.device
+    state = PartialState(cpu=device == "cpu" or (device is None and not torch.cuda.is_available()))
+    shard = (state.process_index, state.num_processes) if state.num_processes > 1 else None
+    if shard is not None and device is None:
+        device = str(state.device)
+    pipe = load_pipeline(args.model, device, args.dtype)
     erasers = train_erasers(
         pipe, _concept_list(args.concept), known=_concept_list(args.known), protected=args.protect or [],
         mode=args.mode, config=config, reference_images=args.reference_images, cache_dir=out / "reference",
