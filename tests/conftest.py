@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported: it reads this once
+
 import pytest
 import torch
 
@@ -12,7 +14,6 @@ from sepme_adapter.base_model import encode_prompts, fingerprint
 from sepme_adapter.basis import null_space_basis
 from sepme_adapter.random_pipeline import tiny_pipeline
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription
 
 CONCEPTS = {

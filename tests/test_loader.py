@@ -255,3 +255,21 @@ def test_img2img_and_inpaint_pipelines_erase_too(cls, erasers):
 def test_the_subclass_pipeline_has_the_methods(pipe):
     sub = sepme_adapter.SepMEStableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
     assert sub.get_erased() == [] and sepme_adapter.attach(sub) is sub
+
+
+def test_fusing_refuses_fused_projections_and_weights_changed_in_between(pipe, erasers):
+    pipe.load_sepme(erasers["vangogh"])
+    pipe.fuse_qkv_projections()
+    with pytest.raises(SepMEStateError, match="unfuse_qkv_projections"):
+        pipe.fuse_sepme()
+    pipe.unfuse_qkv_projections()
+    pipe.fuse_sepme()
+    weight = pipe.unet.get_submodule(next(iter(erasers["vangogh"].weights))).weight
+    fused = weight.detach().clone()
+    with torch.no_grad():
+        weight += 0.5  # e.g. fuse_lora after fuse_sepme
+    with pytest.raises(SepMEStateError, match="reverse order"):
+        pipe.unfuse_sepme()
+    with torch.no_grad():
+        weight.copy_(fused)  # e.g. unfuse_lora
+    pipe.unfuse_sepme()

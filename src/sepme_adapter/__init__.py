@@ -18,6 +18,7 @@ from .errors import (
     SepMEStateError,
     TrainingError,
 )
+from .hub import export_lora, push_to_hub
 from .loader import SepMELoaderMixin, SepMEStableDiffusionPipeline, SepMEWarning, attach
 from .processor import ErasureRuntime, SepMEAttnProcessor
 
@@ -38,5 +39,7 @@ __all__ = [
     "SepMEWarning",
     "TrainingError",
     "attach",
+    "export_lora",
     "null_space_basis",
+    "push_to_hub",
 ]

@@ -105,5 +105,5 @@ def fingerprint_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str
         if abs(total - total_now) > tolerance or abs(magnitude - magnitude_now) > tolerance:
             return f"the weights of {key} differ from the eraser's base model"
     if abs(blank_stored[0] - blank_current[0]) > FINGERPRINT_RTOL * blank_stored[1] + 1e-6:
-        return "the blank prompt's text embedding differs (another text encoder)"
+        return "the blank prompt's text embedding differs (another text encoder, or a LoRA loaded into it)"
     return None

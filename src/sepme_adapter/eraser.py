@@ -181,6 +181,13 @@ class Eraser:
             tensors[BASIS_KEY] = self.basis.detach().cpu().contiguous()
         return tensors
 
+    def to_lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The increment as a standard diffusers LoRA: `unet.<layer>.lora_A.weight = S_p^T`, `.lora_B.weight =
+        beta * w` (scale 1), for `pipe.load_lora_weights(state_dict, adapter_name=...)`; see `hub.save_lora`."""
+        from .hub import eraser_to_lora
+
+        return eraser_to_lora(self)
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the eraser atomically (temp file in the same folder, then rename)."""
         self.validate()
@@ -206,8 +213,12 @@ class Eraser:
             return EraserFileError(f"{source}: {problem}")
 
         if header.get("format") != FORMAT_NAME:
-            hint = (" It looks like a plain LoRA file: load it with pipe.load_lora_weights, or convert "
-                    "a SepME export back with load_sepme." if any("lora" in k for k in tensors) else "")
+            from .hub import SEPME_LORA_KEY, eraser_from_lora
+
+            if SEPME_LORA_KEY in header:  # a standard-LoRA export of an eraser (hub.save_lora)
+                return eraser_from_lora(tensors, header, source)
+            hint = (" It looks like a plain LoRA file, not one exported by sepme-adapter: load it with "
+                    "pipe.load_lora_weights." if any("lora" in k for k in tensors) else "")
             raise fail(f"not a SepME eraser (metadata 'format' is {header.get('format')!r}, "
                        f"expected {FORMAT_NAME!r}).{hint}")
         if header.get("format_version") != FORMAT_VERSION:

@@ -45,7 +45,8 @@ def resolve_eraser_files(
 ) -> list[Path]:
     """Eraser files for a local file, a folder, or a Hub repo id (through `huggingface_hub`).
 
-    A folder or repo without `weight_name` gives every `.safetensors` file in it.
+    A folder or repo without `weight_name` gives every `.safetensors` file in it (a repo: at its top
+    level or `subfolder`, so the `lora/` exports `push_to_hub` adds are not loaded twice).
     Hub downloads honour `HF_HUB_OFFLINE`, the local cache, `revision`, `cache_dir`, `token`.
     """
     for value, what in ((weight_name, "weight_name"), (subfolder, "subfolder")):
@@ -75,9 +76,15 @@ def resolve_eraser_files(
 
     if weight_name is not None:
         return [Path(hf_hub_download(source, weight_name, subfolder=subfolder, **hub_kwargs))]
-    pattern = f"{subfolder}/*.safetensors" if subfolder else "*.safetensors"
-    folder = Path(snapshot_download(source, allow_patterns=[pattern], **hub_kwargs))
-    return resolve_eraser_files(folder, subfolder=subfolder)
+    # one level only (fnmatch's `*` crosses `/`): push_to_hub keeps LoRA copies of the erasers in lora/
+    pattern, nested = (f"{subfolder}/*.safetensors", f"{subfolder}/*/*") if subfolder else ("*.safetensors", "*/*")
+    folder = Path(snapshot_download(source, allow_patterns=[pattern], ignore_patterns=[nested], **hub_kwargs))
+    try:
+        return resolve_eraser_files(folder, subfolder=subfolder)
+    except FileNotFoundError:
+        where = f"{source}/{subfolder}" if subfolder else source
+        raise FileNotFoundError(f"Hub repo {where!r} (revision {hub_kwargs.get('revision') or 'main'!r}) has no "
+                                f".safetensors eraser files; pass weight_name=... or check the repo") from None
 
 
 class SepMELoaderMixin:
@@ -302,6 +309,7 @@ class SepMELoaderMixin:
             raise SepMEStateError("nothing is erased, so there is nothing to fuse; load_sepme / set_erased first")
         if runtime.fused:
             raise SepMEStateError("erasers are already fused; call pipe.unfuse_sepme() first")
+        self._refuse_fused_projections(runtime, "fuse_sepme")
         self._sepme_fingerprint(runtime)  # of the original weights, before they change
         totals: dict[str, torch.Tensor] = {}
         for name in runtime.active:
@@ -315,7 +323,16 @@ class SepMELoaderMixin:
             originals[layer_path] = weight.detach().clone()
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
         runtime.fused_originals = originals
+        runtime.fused_checksums = {p: _checksum(base_linear(self.unet.get_submodule(p)).weight) for p in totals}
         runtime.fused = True
+
+    def _refuse_fused_projections(self, runtime: ErasureRuntime, action: str) -> None:
+        """`fuse_qkv_projections()` copies to_k / to_v into `to_kv`, which would not follow the fused weights."""
+        processors = [getattr(m.processor, "inner", m.processor) for m in runtime.attention.values()]
+        if any(type(p).__name__.startswith("Fused") for p in processors):
+            raise SepMEStateError(f"{action} cannot run while attention projections are fused; call "
+                                  f"pipe.unfuse_qkv_projections() first (fuse_qkv_projections only after fuse_sepme "
+                                  f"keeps the erasure, but then unfuse them before unfuse_sepme)")
 
     @torch.no_grad()
     def unfuse_sepme(self) -> None:
@@ -323,10 +340,23 @@ class SepMELoaderMixin:
         runtime = self._sepme()
         if runtime is None or not runtime.fused:
             raise SepMEStateError("nothing is fused; call pipe.fuse_sepme() first")
+        self._refuse_fused_projections(runtime, "unfuse_sepme")
+        changed = [p for p, checksum in runtime.fused_checksums.items()
+                   if _checksum(base_linear(self.unet.get_submodule(p)).weight) != checksum]
+        if changed:
+            raise SepMEStateError(
+                f"{len(changed)} fused layers changed since fuse_sepme (e.g. {changed[0]}), e.g. by fuse_lora; "
+                f"undo those changes first (unfuse in the reverse order of fusing), so unfusing restores "
+                f"exactly the original weights")
         for layer_path, original in runtime.fused_originals.items():
             base_linear(self.unet.get_submodule(layer_path)).weight.copy_(original)
         runtime.fused_originals = {}
         runtime.fused = False
+
+
+def _checksum(weight: torch.Tensor) -> tuple[float, float]:
+    """A cheap fingerprint of a weight, to notice changes made between fusing and unfusing."""
+    return float(weight.double().sum()), float(weight.double().abs().sum())
 
 
 _MIXIN_METHODS = [

@@ -1,0 +1,113 @@
+"""`sepme verify`: check that erasers really act, and act only where they should (paper Eq. 7).
+
+For each eraser and each modified layer it reports the leakage of the blank, known and protected
+prompts (`||c @ dW^T|| / ||c_i @ dW^T||`, should be ~0: Eq. 7's exact conditions) and the increment
+norm, and the relative change of the concept's own keys / values (should be clearly > 0). With
+`--fused-model`, it also checks that a saved model equals base + the increments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .base_model import base_linear, encode_prompts
+from .eraser import Eraser
+
+LEAK_TOLERANCE = 1e-4  # relative to the increment's effect on the concept's own prompt
+MIN_EFFECT = 1e-6  # relative change of the concept's keys / values below which an eraser "does nothing"
+
+
+def verify_eraser(pipe: Any, eraser: Eraser) -> dict[str, Any]:
+    """Per-layer leakage and effect of one eraser on the pipeline's base weights."""
+    prompts = {"blank": [""], "known": list(eraser.known.values()), "protected": list(eraser.protected)}
+    texts = encode_prompts(pipe, [eraser.prompt, *(p for group in prompts.values() for p in group)]).double()
+    concept, rest = texts[0], texts[1:]
+    groups, start = {}, 0
+    for group, items in prompts.items():
+        groups[group] = rest[start : start + len(items)]
+        start += len(items)
+    layers, worst_leak, weakest = {}, 0.0, float("inf")
+    for layer in eraser.weights:
+        delta = eraser.delta(layer).double()
+        weight = base_linear(pipe.unet.get_submodule(layer)).weight.detach().double().cpu()
+        if delta.shape[1] != concept.shape[-1]:  # dense to_q / to_out increments do not read text
+            layers[layer] = {"increment_norm": float(delta.norm())}
+            continue
+        effect = float((concept @ delta.T).norm())
+        original = float((concept @ weight.T).norm())
+        entry = {"increment_norm": float(delta.norm()), "concept_change": effect / max(original, 1e-30)}
+        for group, rows in groups.items():
+            if len(rows):
+                leak = max(float((r @ delta.T).norm()) for r in rows) / max(effect, 1e-30)
+                entry[f"{group}_leak"] = leak
+                if eraser.separable:
+                    worst_leak = max(worst_leak, leak)
+        layers[layer] = entry
+        weakest = min(weakest, entry["concept_change"])
+    acts = any(e.get("concept_change", 0.0) > MIN_EFFECT for e in layers.values())
+    problems = []
+    if not acts:
+        problems.append("the increment does not change its concept's keys or values: the eraser does nothing")
+    if eraser.separable and worst_leak > LEAK_TOLERANCE:
+        problems.append(f"blank / known / protected prompts leak {worst_leak:.2e} > {LEAK_TOLERANCE:.0e}")
+    return {"name": eraser.name, "separable": eraser.separable, "worst_leak": worst_leak,
+            "largest_concept_change": max((e.get("concept_change", 0.0) for e in layers.values()), default=0.0),
+            "ok": not problems, "problems": problems, "layers": layers}
+
+
+def verify_fused(base: Any, fused: Any, erasers: Sequence[Eraser], rtol: float = 1e-3) -> dict[str, Any]:
+    """Does a saved model equal base + sum of the increments (to_k / to_v / dense layers)?"""
+    worst, layers = 0.0, {}
+    for layer in sorted({layer for e in erasers for layer in e.weights}):
+        expected = base_linear(base.unet.get_submodule(layer)).weight.detach().double().cpu()
+        for eraser in erasers:
+            if layer in eraser.weights:
+                expected = expected + eraser.delta(layer).double()
+        actual = base_linear(fused.unet.get_submodule(layer)).weight.detach().double().cpu()
+        change = (expected - base_linear(base.unet.get_submodule(layer)).weight.detach().double().cpu()).norm()
+        error = float((actual - expected).norm() / max(float(change), 1e-30))
+        layers[layer] = error
+        worst = max(worst, error)
+    return {"worst_relative_error": worst, "ok": worst <= rtol, "layers": layers}
+
+
+def _verify_command(args: Any) -> int:
+    from .base_model import load_pipeline
+    from .loader import resolve_eraser_files
+
+    pipe = load_pipeline(args.model, args.device, "float32")
+    erasers = [Eraser.load(p) for source in args.erasers for p in resolve_eraser_files(source)]
+    reports = [verify_eraser(pipe, e) for e in erasers]
+    fused_report = None
+    if args.fused_model:
+        fused_report = verify_fused(pipe, load_pipeline(args.fused_model, args.device, "float32"), erasers)
+    for report in reports:
+        status = "ok" if report["ok"] else "FAIL: " + "; ".join(report["problems"])
+        print(f"{report['name']:>20}  leak {report['worst_leak']:.2e}  concept change "
+              f"{report['largest_concept_change']:.2e}  {status}")
+        if args.verbose:
+            for layer, entry in report["layers"].items():
+                print(f"    {layer}: " + ", ".join(f"{k} {v:.2e}" for k, v in entry.items()))
+    if fused_report is not None:
+        print(f"{'fused model':>20}  worst relative error {fused_report['worst_relative_error']:.2e}  "
+              f"{'ok' if fused_report['ok'] else 'FAIL: weights are not base + increments'}")
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump({"erasers": reports, "fused": fused_report}, stream, indent=2)
+    ok = all(r["ok"] for r in reports) and (fused_report is None or fused_report["ok"])
+    return 0 if ok else 1
+
+
+def register_cli(subparsers: Any) -> None:
+    """`sepme verify --model M --erasers FILE... [--fused-model F]`: exit 1 when an eraser does nothing."""
+    parser = subparsers.add_parser("verify", help="check erasers act on their concept and leak nowhere else")
+    parser.add_argument("--model", required=True, help="the base model (local folder or Hub id)")
+    parser.add_argument("--erasers", nargs="+", required=True, help="eraser files or folders")
+    parser.add_argument("--fused-model", help="a saved model that should equal base + the erasers' increments")
+    parser.add_argument("--device")
+    parser.add_argument("--json", help="also write the full per-layer report here")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print every layer")
+    parser.set_defaults(func=_verify_command)
+
