@@ -1,0 +1,82 @@
+"""The built-in demo world: a procedural renderer, a tiny trained Stable Diffusion pipeline
+and the classifiers that tell which concept a generated image shows.
+
+>>> from sepme_adapter import demo
+>>> pipe = demo.load_pipeline()
+>>> image = pipe(demo.CONCEPTS["circle"].prompt, num_inference_steps=25).images[0]
+>>> demo.load_classifiers()["object"].predict([image])
+['circle']
+
+The assets are built by `python -m sepme_adapter.demo.build` (see `build.py`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .classifier import ConceptClassifier
+from .world import (
+    CONCEPTS,
+    IMAGE_SIZE,
+    LABELS,
+    OBJECTS,
+    PLAIN,
+    STYLES,
+    VOCABULARY,
+    CaptionBatch,
+    Concept,
+    render,
+    render_array,
+    sample_caption,
+    sample_caption_batch,
+)
+
+ASSETS = Path(__file__).parent / "assets"
+
+__all__ = [
+    "ASSETS",
+    "CONCEPTS",
+    "IMAGE_SIZE",
+    "LABELS",
+    "OBJECTS",
+    "PLAIN",
+    "STYLES",
+    "VOCABULARY",
+    "CaptionBatch",
+    "Concept",
+    "ConceptClassifier",
+    "load_classifiers",
+    "load_pipeline",
+    "pipeline_path",
+    "render",
+    "render_array",
+    "sample_caption",
+    "sample_caption_batch",
+]
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"demo asset {path} is missing; build the assets with `python -m sepme_adapter.demo.build`"
+        )
+    return path
+
+
+def pipeline_path() -> str:
+    """The folder of the demo's `StableDiffusionPipeline` (a `save_pretrained` layout)."""
+    return str(_require(ASSETS / "pipeline"))
+
+
+def load_pipeline(**kwargs: Any):
+    """`StableDiffusionPipeline.from_pretrained(pipeline_path(), **kwargs)`: 32x32 images, CPU-friendly."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(pipeline_path(), **kwargs)
+
+
+def load_classifiers() -> dict[str, ConceptClassifier]:
+    """The demo's classifiers by concept family ("object", "style"); use `CONCEPTS[name].family` to pick one."""
+    folder = _require(ASSETS / "classifiers")
+    return {family: ConceptClassifier.load(folder, family) for family in LABELS}

@@ -23,7 +23,7 @@ from .world import LABELS, to_tensor
 class ConceptCNN(nn.Module):
     """Three conv stages and a linear head over globally pooled features; input NCHW in [0, 1]."""
 
-    def __init__(self, num_labels: int, width: int = 32):
+    def __init__(self, num_labels: int, width: int = 16):
         super().__init__()
 
         def stage(c_in: int, c_out: int) -> list[nn.Module]:
@@ -60,15 +60,15 @@ class ConceptClassifier:
         self.model = model.eval()
 
     @torch.no_grad()
-    def logits(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
-        """Class logits (N x labels) for PIL images or a float NCHW tensor in [0, 1]."""
-        batch = to_tensor(list(images) if not isinstance(images, torch.Tensor) else images)
+    def logits(self, images: Sequence[Image.Image | torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """Class logits (N x labels) for PIL images, CHW tensors, or a float NCHW tensor in [0, 1]."""
+        batch = to_tensor(images)
         if batch.shape[-2:] != (32, 32):
             batch = nn.functional.interpolate(batch, size=(32, 32), mode="bilinear", antialias=True)
         device = next(self.model.parameters()).device
         return self.model(batch.to(device).clamp(0, 1)).cpu()
 
-    def predict(self, images: Sequence[Image.Image] | torch.Tensor) -> list[str]:
+    def predict(self, images: Sequence[Image.Image | torch.Tensor] | torch.Tensor) -> list[str]:
         """The label of each image."""
         return [self.labels[i] for i in self.logits(images).argmax(dim=1).tolist()]
 
@@ -97,7 +97,9 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     blur = torch.rand(n, 1, 1, 1, generator=generator) * 0.6
     smooth = nn.functional.avg_pool2d(nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     images = (1 - blur) * images + blur * smooth
-    noise = torch.randn(images.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.06
+    noise = (
+        torch.randn(images.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.06
+    )
     return (images + noise).clamp(0, 1)
 
 
@@ -105,7 +107,8 @@ def train_classifier(
     family: str,
     sample: Callable[[int, np.random.Generator], tuple[torch.Tensor, list[str]]],
     steps: int,
-    batch_size: int = 128,
+    batch_size: int = 64,
+    width: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
     held_out: int = 1000,
@@ -119,7 +122,7 @@ def train_classifier(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = ConceptCNN(len(labels))
+    model = ConceptCNN(len(labels), width)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     model.train()

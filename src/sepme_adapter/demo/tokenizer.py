@@ -48,6 +48,8 @@ def write_word_tokenizer(folder: str | Path, words: Iterable[str], model_max_len
         vocab.setdefault(token, len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(
+        folder, model_max_length=model_max_length, pad_token="<|endoftext|>"
+    )
     tokenizer.save_pretrained(folder)
     return tokenizer

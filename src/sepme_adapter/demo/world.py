@@ -13,6 +13,7 @@ is in `VOCABULARY`, so the package's word tokenizer turns each into a single tok
 from __future__ import annotations
 
 import colorsys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,17 @@ STYLES: dict[str, str] = {
 
 # Caption templates; the first of each list is the canonical one.
 OBJECT_TEMPLATES = ("a {object}", "a drawing of a {object}", "a picture of a {object}", "{object} shape")
-STYLE_TEMPLATES = ("a painting by {style}", "in the style of {style}", "{style} style", "a picture by {style}")
-COMBINED_TEMPLATES = ("a {object} by {style}", "a {object} in the style of {style}", "a painting of a {object} by {style}")
+STYLE_TEMPLATES = (
+    "a painting by {style}",
+    "in the style of {style}",
+    "{style} style",
+    "a picture by {style}",
+)
+COMBINED_TEMPLATES = (
+    "a {object} by {style}",
+    "a {object} in the style of {style}",
+    "a painting of a {object} by {style}",
+)
 
 
 @dataclass(frozen=True)
@@ -109,7 +119,9 @@ def _shape_mask(obj: str, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r:
     raise ValueError(f"unknown object {obj!r}; choose one of {sorted(OBJECTS)}")
 
 
-def _fill(style: str | None, x: np.ndarray, y: np.ndarray, cy: float, r: float, rng: np.random.Generator) -> np.ndarray:
+def _fill(
+    style: str | None, x: np.ndarray, y: np.ndarray, cy: float, r: float, rng: np.random.Generator
+) -> np.ndarray:
     """The paint of the shape, an HxWx3 array, before masking."""
     shape = (*x.shape, 3)
     if style is None or style == PLAIN:
@@ -151,7 +163,9 @@ def render_array(obj: str, style: str | None, rng: np.random.Generator) -> np.nd
     coords = (np.arange(size, dtype=np.float32) + 0.5) / _SUPERSAMPLE
     x, y = np.meshgrid(coords, coords)
     light = rng.random() < 0.5
-    background = _hsv(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.78, 0.95) if light else rng.uniform(0.05, 0.25))
+    background = _hsv(
+        rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.78, 0.95) if light else rng.uniform(0.05, 0.25)
+    )
     mask = _shape_mask(obj, x, y, cx, cy, r)
     paint = _fill(style, x, y, cy, r, rng)
     image = np.where(mask[..., None], paint, background)
@@ -193,7 +207,9 @@ def sample_caption(rng: np.random.Generator, caption_dropout: float = 0.1) -> tu
     return caption, obj, style
 
 
-def sample_caption_batch(batch_size: int, rng: np.random.Generator, caption_dropout: float = 0.1) -> CaptionBatch:
+def sample_caption_batch(
+    batch_size: int, rng: np.random.Generator, caption_dropout: float = 0.1
+) -> CaptionBatch:
     """Render `batch_size` images of the training distribution with their captions (see `sample_caption`)."""
     captions, objects, styles, images = [], [], [], []
     for _ in range(batch_size):
@@ -205,11 +221,19 @@ def sample_caption_batch(batch_size: int, rng: np.random.Generator, caption_drop
     return CaptionBatch(to_tensor(images), captions, objects, styles)
 
 
-def to_tensor(images: list[np.ndarray] | list[Image.Image] | torch.Tensor) -> torch.Tensor:
-    """Images (HxWx3 arrays in [0, 1], PIL images, or an NCHW tensor) as a float NCHW tensor in [0, 1]."""
+def to_tensor(images: Sequence[np.ndarray | Image.Image | torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """Images as a float NCHW tensor in [0, 1].
+
+    Accepts an NCHW tensor, or a sequence of PIL images, HxWx3 float arrays in [0, 1] or
+    CHW float tensors in [0, 1].
+    """
     if isinstance(images, torch.Tensor):
         return images.float()
-    arrays = [
-        np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 if isinstance(im, Image.Image) else im for im in images
-    ]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    tensors = []
+    for image in images:
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        tensors.append(image.float())
+    return torch.stack(tensors)

@@ -1,0 +1,479 @@
+"""Build the demo world's assets: a tiny trained Stable Diffusion pipeline and its classifiers.
+
+    python -m sepme_adapter.demo.build --out src/sepme_adapter/demo/assets
+
+Stages (each seeded and timed; the recipe, timings and measured accuracies go to
+`recipe.json`):
+
+1. the word tokenizer and a frozen, randomly initialised CLIP text encoder
+   (width 96 over 10 tokens, near SD's 768 / 77);
+2. a small `AutoencoderKL` (32x32x3 <-> 16x16x4), trained as an autoencoder on renders;
+   its `scaling_factor` gives the latents unit standard deviation;
+3. a small `UNet2DConditionModel` with cross-attention, trained with the DDPM epsilon loss
+   and caption dropout (so classifier-free guidance works), with an EMA of its weights;
+4. the object and style classifiers;
+5. the quality gate: the classifiers' accuracy on images the pipeline generates from each
+   concept's prompts, and a grid of samples (`samples.png`).
+
+It runs on CPU in a few tens of minutes on one thread; `--quick` is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .classifier import ConceptClassifier, train_classifier
+from .tokenizer import write_word_tokenizer
+from .world import (
+    CONCEPTS,
+    LABELS,
+    OBJECTS,
+    PLAIN,
+    STYLES,
+    VOCABULARY,
+    render_array,
+    sample_caption_batch,
+    to_tensor,
+)
+
+
+@dataclass
+class Recipe:
+    """Every setting of the build; written to `recipe.json` with the results."""
+
+    seed: int = 0
+    # text encoder (frozen, random)
+    max_tokens: int = 10
+    text_width: int = 96
+    text_layers: int = 2
+    text_heads: int = 4
+    # autoencoder
+    vae_channels: tuple[int, ...] = (16, 32)
+    vae_steps: int = 800
+    vae_batch: int = 64
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    # denoiser
+    unet_channels: tuple[int, ...] = (32, 64, 96)
+    unet_head_dim: int = 16
+    unet_steps: int = 2000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    unet_warmup: int = 100
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    # classifiers
+    classifier_steps: int = 500
+    classifier_batch: int = 64
+    classifier_width: int = 16
+    # quality gate
+    eval_seeds: int = 20
+    eval_settings: tuple[tuple[int, float], ...] = ((20, 5.0), (25, 7.5))  # (DDIM steps, guidance)
+    min_accuracy: float = 0.9
+
+
+QUICK = {
+    "vae_steps": 20,
+    "unet_steps": 20,
+    "classifier_steps": 20,
+    "eval_seeds": 2,
+    "eval_settings": ((2, 5.0),),
+}
+
+
+@contextmanager
+def _timed(timings: dict[str, dict[str, float]], stage: str) -> Iterator[None]:
+    """Record wall-clock and CPU seconds (CPU time is what a loaded machine does not inflate)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    timings[stage] = {
+        "wall_s": round(time.perf_counter() - wall, 1),
+        "cpu_s": round(time.process_time() - cpu, 1),
+    }
+    print(f"[build] {stage}: {timings[stage]}", flush=True)
+
+
+def _to_model(images: torch.Tensor) -> torch.Tensor:
+    return images * 2.0 - 1.0  # [0, 1] -> [-1, 1], the range SD's autoencoder works in
+
+
+# ---------------------------------------------------------------- stage 1: text
+
+
+def build_text(recipe: Recipe, folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The word tokenizer over every caption word, and a random frozen CLIP text encoder."""
+    tokenizer = write_word_tokenizer(folder, VOCABULARY, recipe.max_tokens)
+    torch.manual_seed(recipe.seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=recipe.text_width,
+        intermediate_size=4 * recipe.text_width,
+        projection_dim=recipe.text_width,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
+        max_position_embeddings=recipe.max_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(config).eval().requires_grad_(False)
+    return tokenizer, text_encoder
+
+
+@torch.no_grad()
+def encode_captions(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, captions: list[str]
+) -> torch.Tensor:
+    """Text embeddings (N x tokens x width) as the pipeline computes them."""
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return text_encoder(ids).last_hidden_state
+
+
+# ---------------------------------------------------------------- stage 2: autoencoder
+
+
+def train_vae(recipe: Recipe, rng: np.random.Generator) -> AutoencoderKL:
+    """A small KL autoencoder trained on renders (reconstruction + a light KL term)."""
+    torch.manual_seed(recipe.seed)
+    levels = len(recipe.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=recipe.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        mid_block_add_attention=False,  # attention at 16x16 would triple the cost on CPU
+    )
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=recipe.vae_lr, total_steps=recipe.vae_steps
+    )
+    progress = tqdm(range(recipe.vae_steps), desc="autoencoder")
+    for _ in progress:
+        images = _to_model(sample_caption_batch(recipe.vae_batch, rng, caption_dropout=0.0).images)
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample()).sample
+        loss = (
+            torch.nn.functional.mse_loss(reconstruction, images)
+            + recipe.vae_kl_weight * posterior.kl().mean()
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    # Unit-variance latents, as SD's scaling_factor (0.18215) gives its autoencoder.
+    with torch.no_grad():
+        latents = vae.encode(_to_model(sample_caption_batch(1024, rng, 0.0).images)).latent_dist.sample()
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+# ---------------------------------------------------------------- stage 3: denoiser
+
+
+def make_unet(recipe: Recipe) -> UNet2DConditionModel:
+    """Cross-attention at 8x8, 4x4 and in the middle block: 7 `attn2` layers over 96-wide text."""
+    torch.manual_seed(recipe.seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=recipe.unet_channels,
+        layers_per_block=1,
+        cross_attention_dim=recipe.text_width,
+        attention_head_dim=recipe.unet_head_dim,
+        norm_num_groups=32,
+    )
+
+
+def train_unet(
+    recipe: Recipe,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+    noise_scheduler: DDPMScheduler,
+    rng: np.random.Generator,
+) -> tuple[UNet2DConditionModel, list[float]]:
+    """Train with the DDPM epsilon loss on fresh renders; return the EMA weights and the loss curve."""
+    unet = make_unet(recipe)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10%
+        if step < recipe.unet_warmup:
+            return (step + 1) / recipe.unet_warmup
+        progress = (step - recipe.unet_warmup) / max(1, recipe.unet_steps - recipe.unet_warmup)
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(recipe.seed)
+    losses: list[float] = []
+    progress = tqdm(range(recipe.unet_steps), desc="unet")
+    for step in progress:
+        batch = sample_caption_batch(recipe.unet_batch, rng, recipe.caption_dropout)
+        with torch.no_grad():
+            latents = vae.encode(_to_model(batch.images)).latent_dist.mean * vae.config.scaling_factor
+            context = encode_captions(tokenizer, text_encoder, batch.captions)
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+        )
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, context).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for averaged, current in zip(ema.parameters(), unet.parameters()):
+                averaged.lerp_(current, 1 - decay)
+        losses.append(loss.item())
+        if step % 50 == 0:
+            progress.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+    return ema.eval(), losses
+
+
+# ---------------------------------------------------------------- stage 4: classifiers
+
+
+def _classifier_batch(family: str):
+    def sample(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+        objects = rng.choice(list(OBJECTS), size=n)
+        styles = rng.choice([*STYLES, PLAIN], size=n)
+        images = to_tensor([render_array(str(o), str(s), rng) for o, s in zip(objects, styles)])
+        return images, [str(x) for x in (objects if family == "object" else styles)]
+
+    return sample
+
+
+# ---------------------------------------------------------------- stage 5: quality gate
+
+
+def generate(
+    pipe: StableDiffusionPipeline, prompt: str, seeds: list[int], steps: int, guidance_scale: float
+) -> torch.Tensor:
+    """Images (NCHW in [0, 1]) for `prompt`, one per seed, as `sepme` evaluation generates them."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(
+        [prompt] * len(seeds),
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        output_type="pt",
+    ).images
+
+
+def save_grid(rows: dict[str, torch.Tensor], path: Path, columns: int = 8, zoom: int = 3) -> None:
+    """One row per prompt, its label on the left."""
+    cell, label_width = 32 * zoom, 200
+    grid = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows.items()):
+        draw.text((4, r * cell + cell // 2 - 6), label or '"" (blank)', fill="black")
+        for c, image in enumerate(images[:columns]):
+            array = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+            tile = Image.fromarray(array).resize((cell, cell), Image.NEAREST)
+            grid.paste(tile, (label_width + c * cell, r * cell))
+    grid.save(path)
+
+
+def quality_gate(out: Path, recipe: Recipe) -> dict:
+    """Classifier accuracy on generated images for every concept prompt, per sampler setting.
+
+    Loads the saved pipeline and classifiers (what users load). The gate passes when every
+    canonical prompt reaches `recipe.min_accuracy` in every setting; the first setting's
+    canonical images (and the blank prompt's) go to `samples.png`.
+    """
+    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    classifiers = {family: ConceptClassifier.load(out / "classifiers", family) for family in LABELS}
+    seeds = list(range(recipe.eval_seeds))
+    settings = []
+    rows: dict[str, torch.Tensor] = {}
+    for steps, guidance in recipe.eval_settings:
+        canonical: dict[str, float] = {}
+        paraphrases: dict[str, dict[str, float]] = {}
+        for name, concept in tqdm(CONCEPTS.items(), desc=f"quality gate ({steps} steps, cfg {guidance})"):
+            paraphrases[name] = {}
+            for prompt in (concept.prompt, *concept.paraphrases):
+                images = generate(pipe, prompt, seeds, steps, guidance)
+                predictions = classifiers[concept.family].predict(images)
+                accuracy = float(np.mean([p == name for p in predictions]))
+                if prompt == concept.prompt:
+                    canonical[name] = accuracy
+                    rows.setdefault(prompt, images)
+                else:
+                    paraphrases[name][prompt] = accuracy
+        settings.append(
+            {"steps": steps, "guidance_scale": guidance, "canonical": canonical, "paraphrases": paraphrases}
+        )
+    steps, guidance = recipe.eval_settings[0]
+    rows[""] = generate(pipe, "", list(range(8)), steps, guidance)
+    save_grid(rows, out / "samples.png")
+    passed = all(a >= recipe.min_accuracy for s in settings for a in s["canonical"].values())
+    return {"seeds": len(seeds), "settings": settings, "passed": passed}
+
+
+# ---------------------------------------------------------------- the whole build
+
+
+def train_classifiers(out: Path, recipe: Recipe) -> dict[str, float]:
+    """Train and save both classifiers; return their held-out accuracy on fresh renders."""
+    accuracy: dict[str, float] = {}
+    for i, family in enumerate(LABELS):
+        classifier, accuracy[family] = train_classifier(
+            family,
+            _classifier_batch(family),
+            steps=recipe.classifier_steps,
+            batch_size=recipe.classifier_batch,
+            width=recipe.classifier_width,
+            seed=recipe.seed + 10 + i,
+        )
+        classifier.save(out / "classifiers")
+    return accuracy
+
+
+def train_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
+    """Stages 1-3: tokenizer, text encoder, autoencoder and denoiser, saved to `out/pipeline`."""
+    pipeline_folder = out / "pipeline"
+    with _timed(timings, "text"):
+        tokenizer, text_encoder = build_text(recipe, pipeline_folder / "tokenizer")
+    with _timed(timings, "autoencoder"):
+        vae = train_vae(recipe, np.random.default_rng([recipe.seed, 1]))
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    with _timed(timings, "unet"):
+        unet, losses = train_unet(
+            recipe, vae, tokenizer, text_encoder, noise_scheduler, np.random.default_rng([recipe.seed, 2])
+        )
+    scheduler = DDIMScheduler(  # SD v1's schedule, sampled with DDIM
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(pipeline_folder, safe_serialization=True)
+    return {
+        "unet_loss_last_200": float(np.mean(losses[-200:])),
+        "autoencoder_scaling_factor": vae.config.scaling_factor,
+    }
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def build(out: str | Path, recipe: Recipe | None = None, stages: str = "all") -> dict:
+    """Build the assets into `out` and write `recipe.json`; return its content.
+
+    `stages`: "all", "classifiers" (retrain the classifiers, then rerun the gate) or "gate"
+    (rerun the quality gate on the saved assets); earlier results in `recipe.json` are kept.
+    """
+    recipe = recipe or Recipe()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file = out / "recipe.json"
+    report = json.loads(recipe_file.read_text()) if stages != "all" and recipe_file.exists() else {}
+    timings = report.setdefault("timings", {})
+    wall, cpu = time.perf_counter(), time.process_time()
+    if stages == "all":
+        report["recipe"] = asdict(recipe)
+        report["pipeline"] = train_pipeline(out, recipe, timings)
+    else:
+        report.setdefault("recipe", {}).update(
+            {k: v for k, v in asdict(recipe).items() if "eval" in k or "classifier" in k}
+        )
+    if stages in ("all", "classifiers"):
+        with _timed(timings, "classifiers"):
+            report["classifier_held_out_accuracy"] = train_classifiers(out, recipe)
+    with _timed(timings, "quality_gate"):
+        report["quality_gate"] = quality_gate(out, recipe)
+    if stages == "all":
+        timings["total"] = {
+            "wall_s": round(time.perf_counter() - wall, 1),
+            "cpu_s": round(time.process_time() - cpu, 1),
+        }
+    report["torch_threads"] = torch.get_num_threads()
+    report["passed"] = report["quality_gate"]["passed"] and all(
+        a >= 0.97 for a in report["classifier_held_out_accuracy"].values()
+    )
+    report["sizes_bytes"] = {name: _folder_bytes(out / name) for name in ("pipeline", "classifiers")}
+    recipe_file.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "assets"), help="assets folder to write")
+    parser.add_argument("--quick", action="store_true", help="a few steps of everything (smoke test)")
+    parser.add_argument(
+        "--stages", choices=("all", "classifiers", "gate"), default="all", help="what to (re)build"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    for field, value in asdict(Recipe()).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = QUICK.copy() if args.quick else {}
+    overrides.update(
+        {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__ and v is not None}
+    )
+    report = build(args.out, Recipe(**overrides), stages=args.stages)
+    summary = ("timings", "classifier_held_out_accuracy", "quality_gate", "passed", "sizes_bytes")
+    print(json.dumps({k: report[k] for k in summary}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
