@@ -273,3 +273,19 @@ def test_fusing_refuses_fused_projections_and_weights_changed_in_between(pipe, e
     with torch.no_grad():
         weight.copy_(fused)  # e.g. unfuse_lora
     pipe.unfuse_sepme()
+
+
+def test_increments_reused_across_denoising_steps_follow_in_place_edits_and_toggles(pipe, erasers):
+    pipe.load_sepme(erasers["vangogh"])
+    text = encode_prompts(pipe, [CONCEPTS["vangogh"], ""])
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = pipe.unet(latents, 500, text).sample
+        assert torch.equal(pipe.unet(latents, 500, text).sample, first)  # the cached step
+        text[0] = encode_prompts(pipe, [CONCEPTS["picasso"]])[0]  # edited in place: recomputed
+        assert torch.equal(pipe.unet(latents, 500, text).sample, pipe.unet(latents, 500, text.clone()).sample)
+        pipe.set_erased([])
+        plain = pipe.unet(latents, 500, text).sample
+    reference = tiny_pipeline()
+    with torch.no_grad():
+        assert torch.equal(plain, reference.unet(latents, 500, text).sample)

@@ -44,6 +44,9 @@ class ErasureRuntime:
         self.fused = False
         self.on_replaced = on_replaced  # "reinstall" (warn) or "raise"
         self._cast_cache: dict[tuple[str, str, torch.device, torch.dtype], torch.Tensor] = {}
+        # A pipeline passes the same text tensor to every denoising step, so each layer's increment
+        # is the same at every step: layer path -> (text tensor, its version, plan, increment).
+        self._increments: dict[str, tuple[torch.Tensor, int, Plan, torch.Tensor | None]] = {}
         self._local = threading.local()
         self._hooks = [
             unet.register_forward_pre_hook(self._before_unet_call),
@@ -63,6 +66,7 @@ class ErasureRuntime:
             handle.remove()
         self._hooks = []
         self._cast_cache.clear()
+        self._increments = {}
 
     def add(self, adapter_name: str, eraser: Eraser, trainable: bool = False) -> None:
         """Register an eraser (inactive). `trainable` erasers are read live, so gradients reach `w`."""
@@ -78,6 +82,7 @@ class ErasureRuntime:
         self._drop_cache(adapter_name)
 
     def _drop_cache(self, adapter_name: str) -> None:
+        self._increments = {}
         for key in [k for k in self._cast_cache if k[0] == adapter_name]:
             del self._cast_cache[key]
 
@@ -183,9 +188,25 @@ class ErasureRuntime:
         return projected
 
     def increment(self, x: torch.Tensor, layer_path: str) -> torch.Tensor | None:
-        """`sum_i beta_i * (x @ S_p,i) @ w_i.T` over the active erasers that touch this layer (Eq. 11)."""
+        """`sum_i beta_i * (x @ S_p,i) @ w_i.T` over the active erasers that touch this layer (Eq. 11).
+
+        Without gradients, the result is reused while the same, unmodified text tensor comes back
+        under the same plan (every denoising step of one generation).
+        """
+        plan = self.current_plan()
+        reuse = not torch.is_grad_enabled() and not self.trainable and not x.is_inference()
+        if reuse:
+            hit = self._increments.get(layer_path)
+            if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] is plan:
+                return hit[3]
+        total = self._compute_increment(x, layer_path, plan)
+        if reuse:
+            self._increments[layer_path] = (x, x._version, plan, total)
+        return total
+
+    def _compute_increment(self, x: torch.Tensor, layer_path: str, plan: Plan) -> torch.Tensor | None:
         total = None
-        for name, rows in self.current_plan():
+        for name, rows in plan:
             w = self.layer_weight(name, layer_path, x)
             if w is None:
                 continue
