@@ -186,3 +186,9 @@ def test_user_reference_folders_are_used(pipe, tmp_path):
     (eraser,) = train_erasers(pipe, PAIRS[:1], config=TrainConfig(**QUICK), reference_images=tmp_path,
                               progress=False)
     assert eraser.metadata["stats"]["iterations"] > 0
+
+
+def test_gcirs_on_several_concepts_checkpoints_and_resumes(pipe, references, tmp_path):
+    (whole,) = train(pipe, references, PAIRS[:2], mode="gcirs", checkpoint_dir=tmp_path / "a")
+    (resumed,) = train(pipe, references, PAIRS[:2], mode="gcirs", checkpoint_dir=tmp_path / "a", resume=True)
+    assert resumed.metadata["history"]["l_cor"] == whole.metadata["history"]["l_cor"]  # nothing left to do

@@ -320,7 +320,11 @@ def classifier_from_spec(spec: str, device: str = "cpu") -> Classify:
 def _eval_command(args: Any) -> int:
     from .base_model import load_pipeline
 
+    if bool(args.erasers) == bool(args.compare):
+        raise ValueError("give either --erasers FILE... or --compare LABEL=DIR ... (one set of erasers per method)")
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    if args.compare:
+        return _compare_command(pipe, args)
     names = []
     for path in args.erasers:
         loaded = pipe.load_sepme(path, erase=False, allow_base_mismatch=args.allow_base_mismatch)
@@ -345,12 +349,40 @@ def _eval_command(args: Any) -> int:
     return 0
 
 
+def _compare_command(pipe: Any, args: Any) -> int:
+    """`sepme eval --compare sepme=DIR esd=DIR ...`: every method's erasers, one table (issue 7)."""
+    from .baselines import comparison_grid, comparison_table, evaluate_methods
+
+    methods = []
+    for value in args.compare:
+        label, _, folder = value.partition("=") if "=" in value else (Path(value).name, "", value)
+        methods.append((label.strip(), folder.strip()))
+    concepts = (concepts_from_csv(args.prompts, images_per_prompt=args.images_per_prompt) if args.prompts
+                else args.concepts.split(",") if args.concepts else None)
+    results = evaluate_methods(pipe, methods, classifier_from_spec(args.classifier, str(pipe.device)),
+                               scenario=args.scenario, concepts=concepts, seeds=list(range(args.seeds)),
+                               paraphrases=args.paraphrases, allow_base_mismatch=args.allow_base_mismatch,
+                               keep_images=True, steps=args.steps, guidance_scale=args.guidance_scale,
+                               lpips=LPIPSMetric(pipe.device), progress=not args.quiet)
+    json_path, md_path = write_results(results, args.out)
+    table = comparison_table(results)
+    md_path.write_text(table + "\n")  # the per-method table replaces the single-set one
+    grid = comparison_grid(results, Path(args.out) / "comparison.png")
+    print(table)
+    print(f"\nwritten: {json_path}, {md_path}, {grid}")
+    return 0
+
+
 def register_cli(subparsers: Any) -> None:
-    """`sepme eval --model M --erasers FILE... --classifier SPEC [--scenario subsets] [--out DIR]`."""
+    """`sepme eval --model M (--erasers FILE... | --compare LABEL=DIR...) --classifier SPEC [--scenario subsets]`."""
     parser = subparsers.add_parser("eval", help="paper-style ACC / LPIPS / ||dtheta||_p tables",
                                    description="Evaluate erasers the way the paper does (Tables 1-5).")
     parser.add_argument("--model", required=True, help="local diffusers folder or Hub id of the base model")
-    parser.add_argument("--erasers", nargs="+", required=True, help="eraser files or folders (loaded in order)")
+    parser.add_argument("--erasers", nargs="+", help="eraser files or folders (loaded in order)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
+                        help="compare methods side by side: each LABEL=DIR (or DIR, labelled by its name) is one "
+                             "method's erasers, e.g. the --out of `sepme erase --method esd`; writes one table "
+                             "(results.md) and an image grid (comparison.png); --scenario single is Table 1")
     parser.add_argument("--classifier", default="demo",
                         help="demo | torchvision:ARCH:concept=index,... | package.module:function")
     parser.add_argument("--scenario", choices=["single", "multi", "subsets", "iterative"], default="subsets")

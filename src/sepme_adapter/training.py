@@ -198,7 +198,12 @@ def save_checkpoint(folder: Path, tracks: Sequence[_Track], mode: str, config: T
     """Increments, Adam moments, RNG states and loss history of every concept, written atomically."""
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {"mode": mode, "config": asdict(config), "tracks": []}
+    seen: set[int] = set()
     for i, track in enumerate(tracks):
+        if id(track.eraser) in seen:  # G-CiRs on several concepts: one increment shared by all tracks
+            state["tracks"].append({"name": track.concept.name, "prompt": track.concept.prompt, "shared": True})
+            continue
+        seen.add(id(track.eraser))
         for layer, w in track.eraser.weights.items():
             tensors[f"{i}/w/{layer}"] = w.detach().cpu().contiguous()
         adam = track.optimizer.state_dict()
@@ -235,6 +240,8 @@ def load_checkpoint(folder: Path, tracks: Sequence[_Track], mode: str, config: T
         raise TrainingError(f"the checkpoint in {folder} was made with other settings ({state['config']}); "
                             f"resume with the same settings or delete {path.name}")
     for i, (track, saved) in enumerate(zip(tracks, state["tracks"])):
+        if saved.get("shared"):
+            continue
         with torch.no_grad():
             for layer, w in track.eraser.weights.items():
                 w.copy_(tensors[f"{i}/w/{layer}"])
@@ -609,7 +616,7 @@ def write_report(erasers: Sequence[Eraser], folder: str | Path) -> tuple[Path, P
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for eraser in erasers:
         history = eraser.metadata.get("history", {})
-        l_cor = history.get("l_cor", [])
+        l_cor = history.get("l_cor") or history.get("loss", [])  # baselines record their own loss
         momentum, smoothed = 0.0, []
         alpha = eraser.metadata.get("training", {}).get("config", {}).get("alpha", 0.9)
         for value in l_cor:
@@ -631,6 +638,9 @@ def write_report(erasers: Sequence[Eraser], folder: str | Path) -> tuple[Path, P
 
 
 # --------------------------------------------------------------------------- `sepme erase`
+METHODS = ("sepme", "gcirs", "esd", "ablation", "fmn", "uce")  # `sepme erase --method`; baselines in baselines.py
+
+
 def _concept_list(values: Sequence[str] | None) -> list[str]:
     """Repeated flags; a value without `=` may also list several names separated by commas."""
     result = []
@@ -659,13 +669,30 @@ def _erase_command(args: Any) -> int:
     shard = (state.process_index, state.num_processes) if state.num_processes > 1 else None
     if shard is not None and device is None:
         device = str(state.device)
+    method = args.method
+    if args.anchor is not None and method in ("sepme", "gcirs"):
+        raise TrainingError(f"--anchor applies to --method ablation or uce, not {method}")
+    if args.resume and method not in ("sepme", "gcirs"):
+        raise TrainingError(f"--resume is not supported for --method {method} (baselines keep no checkpoints)")
     pipe = load_pipeline(args.model, device, args.dtype)
-    erasers = train_erasers(
-        pipe, _concept_list(args.concept), known=_concept_list(args.known), protected=args.protect or [],
-        mode=args.mode, config=config, reference_images=args.reference_images, cache_dir=out / "reference",
-        checkpoint_dir=out / "checkpoints" / (f"rank-{shard[0]}" if shard else "main"), resume=args.resume,
-        progress=not args.quiet, shard=shard,
-    )
+    if method in ("sepme", "gcirs"):
+        erasers = train_erasers(
+            pipe, _concept_list(args.concept), known=_concept_list(args.known), protected=args.protect or [],
+            mode="gcirs" if method == "gcirs" else args.mode, config=config,
+            reference_images=args.reference_images, cache_dir=out / "reference",
+            checkpoint_dir=out / "checkpoints" / (f"rank-{shard[0]}" if shard else "main"), resume=args.resume,
+            progress=not args.quiet, shard=shard,
+        )
+    else:  # a baseline (issue 7): one dense eraser per concept
+        from .baselines import BASELINE_CLI_FIELDS, BaselineConfig, train_baseline
+
+        baseline_config = BaselineConfig.from_train_config(
+            config, **{name: getattr(args, name) for name in BASELINE_CLI_FIELDS})
+        erasers = train_baseline(
+            pipe, _concept_list(args.concept), method, anchor=args.anchor, config=baseline_config,
+            known=_concept_list(args.known), protected=args.protect or [], reference_images=args.reference_images,
+            cache_dir=out / "reference", progress=not args.quiet, shard=shard,
+        )
     for eraser in erasers:
         path = eraser.save(out / eraser_filename(eraser.name))
         print(f"{eraser.name}: {path}  (iterations {eraser.metadata['stats']['iterations']}, "
@@ -683,7 +710,7 @@ def _erase_command(args: Any) -> int:
 def register_cli(subparsers: Any) -> None:
     """`sepme erase --model M --concept NAME[=PROMPT] ... [--known ...] [--protect ...] [--mode ...] [--out DIR]`."""
     parser = subparsers.add_parser(
-        "erase", help="train one eraser per concept (SepME / G-CiRs)",
+        "erase", help="train one eraser per concept (SepME / G-CiRs / ESD / ablation / FMN / UCE)",
         description="Train erasers and write DIR/<name>.safetensors, a training report (JSON) and loss curves "
                     "(PNG). Under `accelerate launch`, concepts are split across processes.",
     )
@@ -693,7 +720,13 @@ def register_cli(subparsers: Any) -> None:
     parser.add_argument("--known", action="append", metavar="NAME[=PROMPT]",
                         help="a concept kept exact by every eraser's basis (repeat, or comma-separate names)")
     parser.add_argument("--protect", action="append", metavar="PROMPT", help="an extra prompt kept exact")
-    parser.add_argument("--mode", choices=MODES, default="simultaneous")
+    parser.add_argument("--method", choices=METHODS, default="sepme",
+                        help="sepme (weight decoupling, --mode), gcirs (= --mode gcirs), or a baseline: esd (ESD-x), "
+                             "ablation (Concept Ablation), fmn (Forget-Me-Not), uce (closed-form UCE)")
+    parser.add_argument("--anchor", metavar="PROMPT",
+                        help="anchor prompt c* of --method ablation / uce (default 'a painting' / ''); for an "
+                             "object pass a generic prompt of its kind")
+    parser.add_argument("--mode", choices=MODES, default="simultaneous", help="SepME mode (--method sepme)")
     parser.add_argument("--out", "-o", default="erasers", help="output folder (default: ./erasers)")
     parser.add_argument("--reference-images", help="folder with one sub-folder of images per concept name")
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in OUT/checkpoints")
@@ -706,4 +739,7 @@ def register_cli(subparsers: Any) -> None:
         kind = float if isinstance(default, float) or default is None else int
         parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, type=kind, default=default,
                             help=f"(default {default})")
+    from .baselines import add_baseline_arguments
+
+    add_baseline_arguments(parser)
     parser.set_defaults(func=_erase_command)
