@@ -77,10 +77,10 @@ class Recipe:
     # denoiser
     unet_channels: tuple[int, ...] = (32, 64, 96)
     unet_head_dim: int = 16
-    unet_steps: int = 2000
+    unet_steps: int = 4000
     unet_batch: int = 64
-    unet_lr: float = 1e-3
-    unet_warmup: int = 100
+    unet_lr: float = 2e-3
+    unet_warmup: int = 200
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     # classifiers
