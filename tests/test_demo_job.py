@@ -14,7 +14,7 @@ def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
     assert len(results["subsets"]) == 7  # every non-empty subset of the three erasers
     everything = next(s for s in results["subsets"] if len(s["erased"]) == 3)
     for name in ERASED:  # erased concepts are no longer recognised
-        assert everything["accuracy"][name] <= 0.5 < results["original"]["accuracy"][name]
+        assert everything["accuracy"][name] <= 0.25 < 0.5 <= results["original"]["accuracy"][name]
     for subset in results["subsets"]:
         for name in ERASED:
             if name not in subset["erased"]:  # restored: its exact prompt renders as in the original

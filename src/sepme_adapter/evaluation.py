@@ -154,8 +154,8 @@ def evaluate(
     disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe.set_progress_bar_config(disable=True)
     original_images: dict[tuple[str, str], list[Image.Image]] = {}
-    results: dict[str, Any] = {"concepts": [c.name for c in concepts], "lpips_backbone": lpips.backbone,
-                               "subsets": []}
+    results: dict[str, Any] = {"concepts": [c.name for c in concepts], "erasers": list(runtime_erasers),
+                               "lpips_backbone": lpips.backbone, "subsets": []}
     images_out: dict[str, dict[str, list[Image.Image]]] = {}
     try:
         for erased, kind in jobs:
@@ -213,7 +213,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         acc = " | ".join(f"**{entry['accuracy'][c]:.2f}**" if c in erased else f"{entry['accuracy'][c]:.2f}"
                          for c in concepts)
         lp = " | ".join(f"{entry['lpips'][c]:.3f}" for c in concepts)
-        restored = [entry["max_pixel_change"][c] for c in concepts if c not in erased]
+        # restored: concepts with a loaded eraser that is switched off (their prompts should be exact)
+        restored = [entry["max_pixel_change"][c] for c in concepts
+                    if c not in erased and c in results.get("erasers", concepts)]
         change = f"{max(restored):.1e}" if restored else "-"
         lines.append(f"| {', '.join(entry['erased'])} | {acc} | {lp} | {change} |")
     if any(e.get("paraphrase_accuracy") for e in results["subsets"]):
@@ -224,7 +226,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         for entry in results["subsets"]:
             lines.append(f"| {', '.join(entry['erased'])} | " + " | ".join(
                 f"{entry['paraphrase_accuracy'].get(c, float('nan')):.2f}" for c in concepts) + " |")
-    lines += ["", f"LPIPS backbone: {results['lpips_backbone']}. Bold: erased concepts."]
+    lines += ["", f"LPIPS backbone: {results['lpips_backbone']}. Bold: erased concepts. Restored max pixel "
+              f"change: largest change (0-1 scale) of any image of a concept whose eraser is loaded but off."]
     return "\n".join(lines)
 
 

@@ -614,7 +614,8 @@ def write_report(erasers: Sequence[Eraser], folder: str | Path) -> tuple[Path, P
     json_path = folder / "training_report.json"
     json_path.write_text(json.dumps(report, indent=2, default=str))
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for eraser in erasers:
+    for index, eraser in enumerate(erasers):
+        color = f"C{index}"
         history = eraser.metadata.get("history", {})
         l_cor = history.get("l_cor") or history.get("loss", [])  # baselines record their own loss
         momentum, smoothed = 0.0, []
@@ -622,9 +623,9 @@ def write_report(erasers: Sequence[Eraser], folder: str | Path) -> tuple[Path, P
         for value in l_cor:
             momentum = alpha * momentum + (1 - alpha) * value
             smoothed.append(momentum)
-        axes[0].plot(l_cor, alpha=0.3)
-        axes[0].plot(smoothed, label=f"{eraser.name} (L_mom)")
-        axes[1].plot(history.get("regulariser", []), label=eraser.name)
+        axes[0].plot(l_cor, alpha=0.3, color=color)
+        axes[0].plot(smoothed, label=f"{eraser.name} (L_mom)", color=color)
+        axes[1].plot(history.get("regulariser", []), label=eraser.name, color=color)
     axes[0].axhline(0.0, color="black", linewidth=0.8)
     axes[0].set(title="L_cor per iteration and its momentum (Eq. 2, 4)", xlabel="iteration")
     axes[1].set(title="||w||_1 / M (Eq. 11)", xlabel="iteration")
