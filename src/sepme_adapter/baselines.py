@@ -559,7 +559,7 @@ def evaluate_methods(
     """
     import warnings
 
-    from .evaluation import TEMPLATES, EvalConcept, evaluate, scenario_subsets
+    from .evaluation import TEMPLATES, EvalConcept, default_prompt, evaluate, scenario_subsets
     from .loader import SepMEWarning, resolve_eraser_files
 
     labels = [label for label, _ in methods]
@@ -578,10 +578,10 @@ def evaluate_methods(
     for erasers in by_method.values():
         for eraser in erasers.values():
             for part in eraser.name.split("+"):  # a shared G-CiRs eraser is named "a+b"
-                prompts.setdefault(part, eraser.prompt if part == eraser.name else TEMPLATES[0].format(part))
+                prompts.setdefault(part, eraser.prompt if part == eraser.name else default_prompt(part))
     if concepts is None or all(isinstance(c, str) for c in concepts):
         names = list(prompts) if concepts is None else list(concepts)
-        concepts = [EvalConcept(name, [prompts.get(name, TEMPLATES[0].format(name))],
+        concepts = [EvalConcept(name, [prompts.get(name, default_prompt(name))],
                                 [t.format(name) for t in TEMPLATES[1:]] if paraphrases else [], list(seeds))
                     for name in names]
     subsets, owners = [], []

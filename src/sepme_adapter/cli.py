@@ -9,7 +9,7 @@ import sys
 from .errors import SepMEError
 
 # module -> it defines `register_cli(subparsers)`; each added parser sets `func(args) -> int`
-COMMAND_MODULES = ["training", "evaluation", "verify", "hub", "demo.job"]
+COMMAND_MODULES = ["training", "evaluation", "style_classifier", "verify", "hub", "demo.job"]
 
 
 def build_parser() -> argparse.ArgumentParser:

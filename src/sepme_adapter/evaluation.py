@@ -75,6 +75,13 @@ def concepts_from_csv(path: str | Path, images_per_prompt: int = 1) -> list[Eval
 TEMPLATES = ("a painting by {}", "{} style", "in the style of {}")
 
 
+def default_prompt(name: str) -> str:
+    """A concept's prompt when no eraser gives one: the demo world's own, else `a painting by NAME`."""
+    from . import demo
+
+    return demo.CONCEPTS[name].prompt if name in demo.CONCEPTS else TEMPLATES[0].format(name)
+
+
 def concepts_from_names(names: Sequence[str], seeds: Sequence[int], templates: Sequence[str] = TEMPLATES
                         ) -> list[EvalConcept]:
     """Prompts generated from concept names: the first template is the exact one, the rest paraphrases."""
@@ -302,11 +309,16 @@ def torchvision_classifier(arch: str, classes: dict[str, int], device: str = "cp
 
 
 def classifier_from_spec(spec: str, device: str = "cpu") -> Classify:
-    """`demo`, `torchvision:resnet50:church=497,parachute=701`, or `package.module:function` (a `Classify`)."""
+    """`demo`, `resnet18:FOLDER` (from `sepme train-classifier`), `torchvision:resnet50:church=497,...`,
+    or `package.module:function` (a `Classify`)."""
     import importlib
 
     if spec == "demo":
         return demo_classifier()
+    if spec.startswith("resnet18:"):
+        from .style_classifier import load_style_classifier
+
+        return load_style_classifier(spec.split(":", 1)[1], device)
     if spec.startswith("torchvision:"):
         _, arch, mapping = (spec.split(":", 2) + [""])[:3]
         classes = {k: int(v) for k, v in (item.split("=") for item in mapping.split(",") if item)}
@@ -340,7 +352,7 @@ def _eval_command(args: Any) -> int:
         wanted = args.concepts.split(",") if args.concepts else names
         concepts = []
         for name in wanted:
-            exact = [erasers[name]["prompt"]] if name in erasers else [TEMPLATES[0].format(name)]
+            exact = [erasers[name]["prompt"]] if name in erasers else [default_prompt(name)]
             concepts.append(EvalConcept(name, exact, [t.format(name) for t in TEMPLATES[1:]] if args.paraphrases
                                         else [], seeds))
     results = evaluate(pipe, concepts, classifier_from_spec(args.classifier, str(pipe.device)),
@@ -387,7 +399,7 @@ def register_cli(subparsers: Any) -> None:
                              "method's erasers, e.g. the --out of `sepme erase --method esd`; writes one table "
                              "(results.md) and an image grid (comparison.png); --scenario single is Table 1")
     parser.add_argument("--classifier", default="demo",
-                        help="demo | torchvision:ARCH:concept=index,... | package.module:function")
+                        help="demo | resnet18:FOLDER | torchvision:ARCH:concept=index,... | package.module:function")
     parser.add_argument("--scenario", choices=["single", "multi", "subsets", "iterative"], default="subsets")
     parser.add_argument("--prompts", help="CSV with prompt, evaluation_seed, case_number (and concept)")
     parser.add_argument("--concepts", help="comma-separated concept names (default: the erasers' concepts)")

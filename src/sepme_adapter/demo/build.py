@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,6 +83,7 @@ class Recipe:
     unet_lr: float = 2e-3
     unet_warmup: int = 200
     ema_decay: float = 0.999
+    checkpoint_every: int = 100  # a killed build resumes from its last checkpoint
     caption_dropout: float = 0.1
     # classifiers
     classifier_steps: int = 500
@@ -228,8 +230,14 @@ def train_unet(
     text_encoder: CLIPTextModel,
     noise_scheduler: DDPMScheduler,
     rng: np.random.Generator,
+    checkpoint: Path | None = None,
 ) -> tuple[UNet2DConditionModel, list[float]]:
-    """Train with the DDPM epsilon loss on fresh renders; return the EMA weights and the loss curve."""
+    """Train with the DDPM epsilon loss on fresh renders; return the EMA weights and the loss curve.
+
+    With `checkpoint`, the whole training state (weights, optimiser, random streams) is saved
+    there every `recipe.checkpoint_every` steps and training resumes from it, with the same
+    result as an uninterrupted run.
+    """
     unet = make_unet(recipe)
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
@@ -243,7 +251,18 @@ def train_unet(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     generator = torch.Generator().manual_seed(recipe.seed)
     losses: list[float] = []
-    progress = tqdm(range(recipe.unet_steps), desc="unet")
+    first = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=True)
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        rng.bit_generator.state = json.loads(state["rng"])
+        losses, first = state["losses"].tolist(), state["step"]
+        print(f"[build] unet: resuming at step {first}", flush=True)
+    progress = tqdm(range(first, recipe.unet_steps), desc="unet", initial=first, total=recipe.unet_steps)
     for step in progress:
         batch = sample_caption_batch(recipe.unet_batch, rng, recipe.caption_dropout)
         with torch.no_grad():
@@ -267,6 +286,19 @@ def train_unet(
         losses.append(loss.item())
         if step % 50 == 0:
             progress.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+        if checkpoint is not None and (step + 1) % recipe.checkpoint_every == 0:
+            state = {
+                "step": step + 1,
+                "unet": unet.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "generator": generator.get_state(),
+                "rng": json.dumps(rng.bit_generator.state),
+                "losses": torch.tensor(losses),
+            }
+            torch.save(state, checkpoint.with_suffix(".tmp"))
+            checkpoint.with_suffix(".tmp").replace(checkpoint)  # never leave a half-written checkpoint
     return ema.eval(), losses
 
 
@@ -373,16 +405,34 @@ def train_classifiers(out: Path, recipe: Recipe) -> dict[str, float]:
 def train_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
     """Stages 1-3: tokenizer, text encoder, autoencoder and denoiser, saved to `out/pipeline`."""
     pipeline_folder = out / "pipeline"
+    # Work in progress (the trained autoencoder, the denoiser's checkpoint) lives in `_work`
+    # until the pipeline is saved, so a killed build resumes where it stopped.
+    work = out / "_work"
+    recipe_json = json.dumps(asdict(recipe), sort_keys=True)
+    if work.exists() and (work / "recipe.json").read_text() != recipe_json:
+        shutil.rmtree(work)
+    work.mkdir(exist_ok=True)
+    (work / "recipe.json").write_text(recipe_json)
     with _timed(timings, "text"):
         tokenizer, text_encoder = build_text(recipe, pipeline_folder / "tokenizer")
     with _timed(timings, "autoencoder"):
-        vae = train_vae(recipe, np.random.default_rng([recipe.seed, 1]))
+        if (work / "vae" / "config.json").exists():
+            vae = AutoencoderKL.from_pretrained(work / "vae").eval().requires_grad_(False)
+        else:
+            vae = train_vae(recipe, np.random.default_rng([recipe.seed, 1]))
+            vae.save_pretrained(work / "vae")
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     with _timed(timings, "unet"):
         unet, losses = train_unet(
-            recipe, vae, tokenizer, text_encoder, noise_scheduler, np.random.default_rng([recipe.seed, 2])
+            recipe,
+            vae,
+            tokenizer,
+            text_encoder,
+            noise_scheduler,
+            np.random.default_rng([recipe.seed, 2]),
+            checkpoint=work / "unet_checkpoint.pt",
         )
     scheduler = DDIMScheduler(  # SD v1's schedule, sampled with DDIM
         num_train_timesteps=1000,
@@ -404,6 +454,7 @@ def train_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(pipeline_folder, safe_serialization=True)
+    shutil.rmtree(work)
     return {
         "unet_loss_last_200": float(np.mean(losses[-200:])),
         "autoencoder_scaling_factor": vae.config.scaling_factor,
