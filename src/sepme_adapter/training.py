@@ -78,6 +78,8 @@ class TrainConfig:
         ddim_steps: timesteps are drawn as one of these DDIM steps, then a DDPM t inside it.
         rtol: rank tolerance of the null-space basis (None: float32 round-off).
         checkpoint_every: iterations between resumable checkpoints (when a folder is given).
+        concepts_per_pass: concepts per UNet pass with a graph (0: all at once, fastest; 1: lowest
+            peak memory). The frozen passes stay batched; the increments are identical either way.
     """
 
     lr: float = 1e-2
@@ -95,6 +97,7 @@ class TrainConfig:
     ddim_steps: int = 50
     rtol: float | None = None
     checkpoint_every: int = 50
+    concepts_per_pass: int = 0
 
     def validate(self) -> None:
         """Refuse NaN, infinite or out-of-range values before any work starts."""
@@ -104,6 +107,8 @@ class TrainConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise TrainingError(f"TrainConfig.{item.name} must be a finite number, got {value!r}")
+        if self.concepts_per_pass < 0:
+            raise TrainingError(f"TrainConfig.concepts_per_pass must be >= 0, got {self.concepts_per_pass!r}")
         positive = ("lr", "gcirs_lr", "beta", "max_iterations", "images_per_concept", "reference_steps",
                     "ddim_steps", "checkpoint_every")
         for name in positive:
@@ -319,28 +324,36 @@ def _optimise(pipe, tracks: list[_Track], dense: bool, config: TrainConfig, blan
                     edited = unet(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
                                   torch.cat([concept_text, blank_text])).sample.float()
                 edited_concept, edited_blank = edited.chunk(2)
-                change = edited_concept - edited_blank
-            else:  # eps(theta + dW_i, x_t, c_0) == eps(theta, x_t, c_0): reuse the frozen pass
-                with runtime.per_row([t.concept.name for t in live]):
-                    change = unet(x_t, timesteps, concept_text).sample.float() - eps_blank
-            losses = correlation_loss(original, change)
-            values = [float(v) for v in losses.detach()]
-            if dense:
+                losses = correlation_loss(original, edited_concept - edited_blank)
+                values = [float(v) for v in losses.detach()]
                 eta = balance_weights(values)
                 regulariser = l1_norm_per_layer(shared.parameters)
                 objective = sum(e * loss for e, loss in zip(eta, losses)) + config.lam * regulariser
                 owners = [shared]
-            else:
-                regularisers = [l1_norm_per_layer(t.parameters) for t in live]
-                objective = sum(losses[i] + config.lam * regularisers[i] for i in range(len(live)))
+                shared.optimizer.zero_grad(set_to_none=True)
+                objective.backward()
+                objective_value = float(objective.detach())
+            else:  # eps(theta + dW_i, x_t, c_0) == eps(theta, x_t, c_0): reuse the frozen pass
                 owners = live
-            for owner in owners:
-                owner.optimizer.zero_grad(set_to_none=True)
-            objective.backward()
+                for owner in owners:
+                    owner.optimizer.zero_grad(set_to_none=True)
+                values, regularisers, objective_value = [], [], 0.0
+                chunk = config.concepts_per_pass or len(live)  # graph passes of `chunk` concepts at a time
+                for first in range(0, len(live), chunk):
+                    part, rows = live[first : first + chunk], slice(first, first + chunk)
+                    with runtime.per_row([t.concept.name for t in part]):
+                        change = unet(x_t[rows], timesteps[rows], concept_text[rows]).sample.float() - eps_blank[rows]
+                    losses = correlation_loss(original[rows], change)
+                    part_regularisers = [l1_norm_per_layer(t.parameters) for t in part]
+                    objective = sum(losses[i] + config.lam * part_regularisers[i] for i in range(len(part)))
+                    objective.backward()  # disjoint parameters: per-chunk gradients are the full ones
+                    values += [float(v) for v in losses.detach()]
+                    regularisers += [float(r.detach()) for r in part_regularisers]
+                    objective_value += float(objective.detach())
             grads_finite = all(
                 p.grad is None or bool(torch.isfinite(p.grad).all()) for o in owners for p in o.parameters
             )
-            if not math.isfinite(float(objective.detach())) or not grads_finite:
+            if not math.isfinite(objective_value) or not grads_finite:
                 raise TrainingError(
                     f"the loss became non-finite at iteration {owners[0].stop.steps + 1} "
                     f"(L_cor = {values}); the increments were left at their last finite values. "
@@ -359,7 +372,7 @@ def _optimise(pipe, tracks: list[_Track], dense: bool, config: TrainConfig, blan
             else:
                 for i, track in enumerate(live):
                     track.history.append(values[i])
-                    track.regulariser.append(float(regularisers[i].detach()))
+                    track.regulariser.append(regularisers[i])
                     track.seconds += elapsed / len(live)
                     if track.stop.update(values[i]):
                         track.done = track.stopped_early = True
