@@ -270,7 +270,8 @@ def worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     pipe = build_pipeline(args.size, args.latent)
     concepts = CONCEPTS[: args.concepts]
-    config = TrainConfig(max_iterations=args.steps, tau=-1e30, seed=0)  # no early stop: exactly `steps` steps
+    # no early stop: exactly `steps` steps
+    config = TrainConfig(max_iterations=args.steps, tau=-1e30, seed=0, concepts_per_pass=args.concepts_per_pass)
     folder = Path(args.data) / f"images-{args.size}"
     built = time.perf_counter() - started
     if args.worker == "ours":
@@ -288,7 +289,8 @@ def worker(args: argparse.Namespace) -> None:
 def launch(args: argparse.Namespace, variant: str, size: str, steps: int, concepts: int, data: Path) -> dict:
     command = [sys.executable, __file__, "--worker", variant, "--size", size, "--steps", str(steps),
                "--concepts", str(concepts), "--threads", str(args.threads), "--latent", str(args.latent),
-               "--reference-increments", args.reference_increments, "--data", str(data)]
+               "--reference-increments", args.reference_increments, "--data", str(data),
+               "--concepts-per-pass", str(args.concepts_per_pass)]
     started = time.perf_counter()
     subprocess.run(command, check=True)
     tag = data / f"{size}-{concepts}-{variant}"
@@ -386,6 +388,8 @@ def main() -> None:
                         help="torch CPU threads for both variants (1: steadier when other jobs share the cores)")
     parser.add_argument("--reference-increments", choices=("processor", "merged"), default="processor",
                         help="how the reference applies dW: the package's processor, or W + dW via functional_call")
+    parser.add_argument("--concepts-per-pass", type=int, default=0,
+                        help="ours: concepts per graph pass (0: all at once; 1: lowest memory)")
     parser.add_argument("--one-eraser", action="store_true",
                         help="also run both variants with a single concept at each size (measured, not extrapolated)")
     parser.add_argument("--worker", choices=("reference", "ours"), help=argparse.SUPPRESS)
