@@ -46,7 +46,15 @@ from .errors import TrainingError
 from .loader import attach
 from .processor import ErasureRuntime, SepMEAttnProcessor
 from .reference import reference_latents
-from .training import Concept, TrainConfig, _check_inputs, _frozen_model, _noisy_latents, _zero_weights
+from .training import (
+    Concept,
+    TrainConfig,
+    _check_inputs,
+    _frozen_model,
+    _noisy_latents,
+    _zero_weights,
+    check_numbers,
+)
 
 METHODS = ("esd", "ablation", "fmn", "uce")
 ANCHOR_METHODS = ("ablation", "uce")
@@ -121,18 +129,10 @@ class BaselineConfig:
                 allowed = ("tail", "all") if item.name == "uce_tokens" else tuple(LAYER_SETS)
                 if value not in allowed:
                     raise TrainingError(f"BaselineConfig.{item.name} must be one of {allowed}, got {value!r}")
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TrainingError(f"BaselineConfig.{item.name} must be a finite number, got {value!r}")
-        positive = ("esd_lr", "ablation_lr", "fmn_lr", "uce_lambda", "uce_erase_scale", "images_per_concept",
-                    "reference_steps", "ddim_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise TrainingError(f"BaselineConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("esd_iterations", "ablation_iterations", "fmn_iterations", "uce_preserve_scale",
-                     "probe_samples", "guidance_scale", "esd_eta"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"BaselineConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        check_numbers(self, positive=("esd_lr", "ablation_lr", "fmn_lr", "uce_lambda", "uce_erase_scale",
+                                      "images_per_concept", "reference_steps", "ddim_steps"),
+                      non_negative=("esd_iterations", "ablation_iterations", "fmn_iterations", "uce_preserve_scale",
+                                    "probe_samples", "guidance_scale", "esd_eta"))
 
 
 # BaselineConfig fields `sepme erase` exposes as flags (`--esd-lr` ...); the others come from TrainConfig's flags

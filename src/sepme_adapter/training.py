@@ -101,26 +101,30 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse NaN, infinite or out-of-range values before any work starts."""
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise TrainingError(f"TrainConfig.{item.name} must be a finite number, got {value!r}")
-        if self.concepts_per_pass < 0:
-            raise TrainingError(f"TrainConfig.concepts_per_pass must be >= 0, got {self.concepts_per_pass!r}")
-        positive = ("lr", "gcirs_lr", "beta", "max_iterations", "images_per_concept", "reference_steps",
-                    "ddim_steps", "checkpoint_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise TrainingError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("lam", "warmup", "guidance_scale"):
-            if getattr(self, name) < 0:
-                raise TrainingError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        check_numbers(self, positive=("lr", "gcirs_lr", "beta", "max_iterations", "images_per_concept",
+                                      "reference_steps", "ddim_steps", "checkpoint_every"),
+                      non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass"))
         if not 0 <= self.alpha < 1:
             raise TrainingError(f"TrainConfig.alpha must be in [0, 1), got {self.alpha!r}")
         if self.rtol is not None and self.rtol <= 0:
             raise TrainingError(f"TrainConfig.rtol must be > 0, got {self.rtol!r}")
+
+
+def check_numbers(config: Any, positive: Sequence[str] = (), non_negative: Sequence[str] = ()) -> None:
+    """Every numeric field of a config dataclass is finite; the named ones are > 0 or >= 0."""
+    name = type(config).__name__
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if value is None or isinstance(value, str):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise TrainingError(f"{name}.{item.name} must be a finite number, got {value!r}")
+    for field_name in positive:
+        if getattr(config, field_name) <= 0:
+            raise TrainingError(f"{name}.{field_name} must be > 0, got {getattr(config, field_name)!r}")
+    for field_name in non_negative:
+        if getattr(config, field_name) < 0:
+            raise TrainingError(f"{name}.{field_name} must be >= 0, got {getattr(config, field_name)!r}")
 
 
 # --------------------------------------------------------------------------- the paper's formulas
