@@ -92,31 +92,46 @@ class ConceptClassifier:
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Blur and noise of random strength, so generated (imperfect) images are read like renders."""
+    """Flaws of random strength that generated images show, so they are read like renders.
+
+    Blur, noise, lowered contrast, colour casts, and a faint shrunken copy of the image (the
+    double edges and rings of an imperfect denoiser). Measured on 40 generated images per
+    concept of the shipped pipeline: lowest per-concept accuracy 0.78 with blur and noise alone
+    (500 steps), 0.85 with all of these (2000 steps; `demo/assets/recipe.json`).
+    """
     n = images.shape[0]
-    blur = torch.rand(n, 1, 1, 1, generator=generator) * 0.6
+
+    def strength(scale: float) -> torch.Tensor:
+        return torch.rand(n, 1, 1, 1, generator=generator) * scale
+
     smooth = nn.functional.avg_pool2d(nn.functional.pad(images, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    images = (1 - blur) * images + blur * smooth
-    noise = (
-        torch.randn(images.shape, generator=generator) * torch.rand(n, 1, 1, 1, generator=generator) * 0.06
-    )
-    return (images + noise).clamp(0, 1)
+    images = images.lerp(smooth, strength(0.6))
+    images = images + torch.randn(images.shape, generator=generator) * strength(0.06)
+    images = images.lerp(images.mean(dim=(2, 3), keepdim=True), strength(0.5))  # contrast
+    images = images * (1 + (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.3)  # colour cast
+    scale = 0.6 + 0.3 * torch.rand(n, generator=generator)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    ghost = nn.functional.grid_sample(images, grid, padding_mode="border", align_corners=False)
+    images = images.lerp(ghost, strength(0.35) * (torch.rand(n, 1, 1, 1, generator=generator) < 0.5))
+    return images.clamp(0, 1)
+
+
+Sampler = Callable[[int, np.random.Generator], tuple[torch.Tensor, list[str]]]
+"""`sample(n, rng) -> (images NCHW in [0, 1], labels)`: a source of labelled images."""
 
 
 def train_classifier(
     family: str,
-    sample: Callable[[int, np.random.Generator], tuple[torch.Tensor, list[str]]],
+    sample: Sampler,
     steps: int,
     batch_size: int = 64,
     width: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
-    held_out: int = 1000,
-) -> tuple[ConceptClassifier, float]:
-    """Train the classifier of `family` on batches from `sample(n, rng) -> (images, labels)`.
-
-    Returns the classifier and its accuracy on `held_out` fresh images (no augmentation).
-    """
+) -> ConceptClassifier:
+    """Train the classifier of `family` on batches from `sample`, augmented by `_augment`."""
     labels = LABELS[family]
     index = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(seed)
@@ -134,7 +149,10 @@ def train_classifier(
         loss.backward()
         optimizer.step()
         schedule.step()
-    classifier = ConceptClassifier(family, labels, model)
-    images, names = sample(held_out, np.random.default_rng(seed + 1))
-    accuracy = float(np.mean([p == n for p, n in zip(classifier.predict(images), names)]))
-    return classifier, accuracy
+    return ConceptClassifier(family, labels, model)
+
+
+def held_out_accuracy(classifier: ConceptClassifier, sample: Sampler, count: int, seed: int) -> float:
+    """Accuracy on `count` fresh images from `sample` (seeded apart from training)."""
+    images, names = sample(count, np.random.default_rng(seed))
+    return float(np.mean([p == n for p, n in zip(classifier.predict(images), names)]))
