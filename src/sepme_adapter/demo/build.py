@@ -92,10 +92,8 @@ class Recipe:
     # quality gate
     eval_seeds: int = 20
     eval_extra_seeds: int = 40  # more seeds (from 100), reported for the first setting, not gated
-    eval_settings: tuple[tuple[int, float], ...] = (
-        (20, 5.0),
-        (25, 7.5),
-    )  # (DDIM steps, guidance); first gates
+    # (DDIM steps, guidance); the first is the sampler `sepme demo` uses and gates
+    eval_settings: tuple[tuple[int, float], ...] = ((20, 5.0), (25, 7.5))
     min_accuracy: float = 0.9
 
 
@@ -353,14 +351,18 @@ def save_grid(rows: dict[str, torch.Tensor], path: Path, columns: int = 8, zoom:
     grid.save(path)
 
 
+def _accuracy(classifier: ConceptClassifier, name: str, images: torch.Tensor) -> float:
+    return float(np.mean([p == name for p in classifier.predict(images)]))
+
+
 def quality_gate(out: Path, recipe: Recipe) -> dict:
     """Classifier accuracy on generated images for every concept prompt, per sampler setting.
 
     Loads the saved pipeline and classifiers (what users load). The gate passes when every
     canonical prompt reaches `recipe.min_accuracy` in the first setting (the sampler `sepme
     demo` uses); the others are reported. The first setting's canonical images (and the blank
-    prompt's) go to `samples.png`. The first setting is also
-    measured on `recipe.eval_extra_seeds` further seeds and reported without gating.
+    prompt's) go to `samples.png`. The first setting is also measured on
+    `recipe.eval_extra_seeds` further seeds and reported without gating.
     """
     pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -375,8 +377,7 @@ def quality_gate(out: Path, recipe: Recipe) -> dict:
             paraphrases[name] = {}
             for prompt in (concept.prompt, *concept.paraphrases):
                 images = generate(pipe, prompt, seeds, steps, guidance)
-                predictions = classifiers[concept.family].predict(images)
-                accuracy = float(np.mean([p == name for p in predictions]))
+                accuracy = _accuracy(classifiers[concept.family], name, images)
                 if prompt == concept.prompt:
                     canonical[name] = accuracy
                     rows.setdefault(prompt, images)
@@ -387,23 +388,10 @@ def quality_gate(out: Path, recipe: Recipe) -> dict:
         )
     steps, guidance = recipe.eval_settings[0]
     extra_seeds = list(range(100, 100 + recipe.eval_extra_seeds))
-    extra = (
-        {
-            name: float(
-                np.mean(
-                    [
-                        p == name
-                        for p in classifiers[concept.family].predict(
-                            generate(pipe, concept.prompt, extra_seeds, steps, guidance)
-                        )
-                    ]
-                )
-            )
-            for name, concept in CONCEPTS.items()
-        }
-        if extra_seeds
-        else {}
-    )
+    extra = {
+        name: _accuracy(classifiers[c.family], name, generate(pipe, c.prompt, extra_seeds, steps, guidance))
+        for name, c in (CONCEPTS.items() if extra_seeds else ())
+    }
     rows[""] = generate(pipe, "", list(range(8)), steps, guidance)
     save_grid(rows, out / "samples.png")
     passed = all(a >= recipe.min_accuracy for a in settings[0]["canonical"].values())
