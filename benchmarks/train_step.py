@@ -98,7 +98,7 @@ def build_pipeline(size: str, latent: int):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from sepme_adapter import SepMELoaderMixin
-    from sepme_adapter.random_pipeline import sd15_unet_config, tiny_pipeline
+    from sepme_adapter.testing import sd15_unet_config, tiny_pipeline
 
     if size == "tiny":
         return tiny_pipeline()

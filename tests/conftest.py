@@ -12,7 +12,7 @@ import torch
 import sepme_adapter
 from sepme_adapter.base_model import encode_prompts, fingerprint
 from sepme_adapter.basis import null_space_basis
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription
 

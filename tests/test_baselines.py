@@ -18,7 +18,7 @@ from sepme_adapter.baselines import (
     train_baseline,
 )
 from sepme_adapter.cli import main
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.training import Concept
 
 from .conftest import CONCEPTS, PROTECTED, generate

@@ -11,7 +11,7 @@ import sepme_adapter
 from sepme_adapter import Eraser
 from sepme_adapter.base_model import load_pipeline
 from sepme_adapter.cli import main
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 ARGS = ["--concept", "vangogh=a painting by van gogh", "--concept", "picasso=a painting by picasso",
         "--protect", "watermark", "--max-iterations", "5", "--images-per-concept", "2",

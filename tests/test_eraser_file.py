@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from sepme_adapter import Eraser, EraserFileError
-from sepme_adapter.eraser import read_safetensors
+from sepme_adapter.formats import read_safetensors
 
 from .conftest import make_eraser
 
@@ -43,7 +43,7 @@ def test_delta_is_beta_w_basis_transposed_and_invisible_to_known_prompts(pipe):
 def test_a_save_writes_atomically_and_keeps_the_old_file_on_failure(pipe, tmp_path, monkeypatch):
     path = make_eraser(pipe, "vangogh").save(tmp_path / "e.safetensors")
     before = path.read_bytes()
-    import sepme_adapter.eraser as module
+    import sepme_adapter.formats as module
 
     def broken(tensors, filename, metadata=None):
         with open(filename, "wb") as f:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import sepme_adapter
 from sepme_adapter import Eraser, EraserFileError
-from sepme_adapter.eraser import read_safetensors
+from sepme_adapter.formats import read_safetensors
 
 from .conftest import CONCEPTS, make_eraser
 from .test_loader import unet_output
@@ -26,7 +26,7 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @pytest.fixture(scope="module")
 def good_file(tmp_path_factory):
-    from sepme_adapter.random_pipeline import tiny_pipeline
+    from sepme_adapter.testing import tiny_pipeline
 
     folder = tmp_path_factory.mktemp("good")
     return make_eraser(tiny_pipeline(), "vangogh").save(folder / "vangogh.safetensors")
@@ -124,7 +124,7 @@ SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
 import sepme_adapter
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.training import TrainConfig, train_erasers
 pipe = sepme_adapter.attach(tiny_pipeline())
 config = TrainConfig(images_per_concept=2, reference_steps=2, lr=0.1, beta=0.1, max_iterations=int(sys.argv[3]),

@@ -27,7 +27,7 @@ import sepme_adapter
 from sepme_adapter import cli
 from sepme_adapter.base_model import encode_prompts
 from sepme_adapter.hub import save_lora
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 from .conftest import CONCEPTS, make_eraser
 

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import sepme_adapter
 from sepme_adapter import BaseModelMismatchError, ErasureNotAppliedError, SepMEStateError, SepMEWarning
 from sepme_adapter.base_model import cross_attention_modules, encode_prompts
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 from .conftest import CONCEPTS, PROTECTED, generate, make_eraser
 

@@ -12,7 +12,7 @@ import sepme_adapter
 from sepme_adapter import Eraser, EraserFileError
 from sepme_adapter.base_model import cross_attention_modules, encode_prompts, fingerprint
 from sepme_adapter.hub import SEPME_LORA_KEY, export_lora, save_lora
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 from .conftest import CONCEPTS
 
@@ -132,7 +132,7 @@ def test_a_dense_eraser_exports_as_an_exact_full_rank_lora(pipe, tmp_path):
 
 def test_damaged_or_foreign_lora_files_are_refused_clearly(erasers, tmp_path):
     path = save_lora(erasers["vangogh"], tmp_path / "v.safetensors")
-    tensors, header = sepme_adapter.eraser.read_safetensors(path)
+    tensors, header = sepme_adapter.formats.read_safetensors(path)
     first = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[first] = tensors[first] * 2
     save_file(tensors, tmp_path / "edited.safetensors", metadata=header)

@@ -4,7 +4,7 @@ import json
 
 from sepme_adapter.cli import main
 from sepme_adapter.evaluation import classifier_from_spec, generate
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 
 def test_train_classifier_writes_a_head_that_sepme_eval_can_use(tmp_path):

@@ -6,7 +6,7 @@ import torch
 import sepme_adapter
 from sepme_adapter import EmptyNullSpaceError, TrainingError
 from sepme_adapter import training as training_module
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.training import Concept, TrainConfig, correlation_loss, train_erasers, write_report
 
 from .conftest import CONCEPTS, PROTECTED

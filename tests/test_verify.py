@@ -4,7 +4,7 @@ import torch
 
 from sepme_adapter.cli import main
 from sepme_adapter.eraser import Eraser
-from sepme_adapter.random_pipeline import tiny_pipeline
+from sepme_adapter.testing import tiny_pipeline
 
 from .conftest import make_eraser
 

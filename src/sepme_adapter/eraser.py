@@ -12,27 +12,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .errors import EraserFileError
-
-FORMAT_NAME = "sepme-eraser"
-FORMAT_VERSION = "1"
-BASIS_KEY = "basis"
-WEIGHT_SUFFIX = ".w"
-# Layers an increment may touch. Separable erasers: to_k / to_v of cross-attention only,
-# the only weights that see text alone (METHOD.md). Dense erasers may also touch to_q / to_out.0.
-SEPARABLE_LAYERS = ("attn2.to_k", "attn2.to_v")
-DENSE_LAYERS = (*SEPARABLE_LAYERS, "attn2.to_q", "attn2.to_out.0")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+from .formats import (
+    BASIS_KEY,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHT_SUFFIX,
+    atomic_save_safetensors,
+    eraser_from_lora,
+    is_sepme_lora,
+    layer_weights,
+    lora_from_eraser,
+    read_safetensors,
+)
+from .unet import DENSE_LAYERS, SEPARABLE_LAYERS
 
 
 @dataclass
@@ -63,9 +62,10 @@ class Eraser:
     known: dict[str, str] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    source: InitVar[str] = "eraser"  # names the file in validation errors; not stored
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __post_init__(self, source: str) -> None:
+        self.validate(source)
 
     # ----------------------------------------------------------------- the math
     @property
@@ -184,9 +184,13 @@ class Eraser:
     def to_lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The increment as a standard diffusers LoRA: `unet.<layer>.lora_A.weight = S_p^T`, `.lora_B.weight =
         beta * w` (scale 1), for `pipe.load_lora_weights(state_dict, adapter_name=...)`; see `hub.save_lora`."""
-        from .hub import eraser_to_lora
+        self.validate()
+        return lora_from_eraser(self.state_dict(), self.header())[0]
 
-        return eraser_to_lora(self)
+    def to_lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The standard-LoRA export: state dict and safetensors header (see `formats.lora_from_eraser`)."""
+        self.validate()
+        return lora_from_eraser(self.state_dict(), self.header())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the eraser atomically (temp file in the same folder, then rename)."""
@@ -212,11 +216,9 @@ class Eraser:
         def fail(problem: str) -> EraserFileError:
             return EraserFileError(f"{source}: {problem}")
 
+        if is_sepme_lora(header):  # a standard-LoRA export of an eraser (hub.save_lora)
+            tensors, header = eraser_from_lora(tensors, header, source)
         if header.get("format") != FORMAT_NAME:
-            from .hub import SEPME_LORA_KEY, eraser_from_lora
-
-            if SEPME_LORA_KEY in header:  # a standard-LoRA export of an eraser (hub.save_lora)
-                return eraser_from_lora(tensors, header, source)
             hint = (" It looks like a plain LoRA file, not one exported by sepme-adapter: load it with "
                     "pipe.load_lora_weights." if any("lora" in k for k in tensors) else "")
             raise fail(f"not a SepME eraser (metadata 'format' is {header.get('format')!r}, "
@@ -243,62 +245,11 @@ class Eraser:
             raise fail("a separable eraser must store its basis tensor 'basis'")
         if header["kind"] not in ("separable", "dense"):
             raise fail(f"unknown eraser kind {header['kind']!r}")
-        weights = {}
-        for key, tensor in tensors.items():
-            if key == BASIS_KEY:
-                continue
-            if not key.endswith(WEIGHT_SUFFIX):
-                raise fail(f"unexpected tensor {key!r} (expected 'basis' and '<layer path>.w')")
-            weights[key[: -len(WEIGHT_SUFFIX)]] = tensor
-        eraser = cls.__new__(cls)
-        eraser.name, eraser.prompt = header["name"], header["prompt"]
-        eraser.basis, eraser.weights, eraser.beta = basis, weights, beta
-        eraser.known, eraser.protected, eraser.metadata = known, protected, metadata
-        eraser.validate(source)
+        unexpected = [key for key in tensors if key != BASIS_KEY and not key.endswith(WEIGHT_SUFFIX)]
+        if unexpected:
+            raise fail(f"unexpected tensor {unexpected[0]!r} (expected 'basis' and '<layer path>.w')")
+        eraser = cls(name=header["name"], prompt=header["prompt"], basis=basis, weights=layer_weights(tensors),
+                     beta=beta, known=known, protected=protected, metadata=metadata, source=source)
         if "text_width" in header and header["text_width"] != str(eraser.text_width):
             raise fail(f"metadata text_width {header['text_width']} does not match the tensors ({eraser.text_width})")
         return eraser
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that an interrupted save leaves any previous file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        with open(temp, "rb") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
-
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read tensors and header of a safetensors file; never unpickle. Errors name the file."""
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise EraserFileError(f"{path}: refusing a pickle-based file ({path.suffix}); sepme-adapter reads "
-                              f"only .safetensors files, which cannot run code when loaded")
-    if not path.is_file():
-        raise FileNotFoundError(f"eraser file {str(path)!r} does not exist")
-    size = path.stat().st_size
-    with open(path, "rb") as stream:
-        prefix = stream.read(8)
-    if size < 8 or len(prefix) < 8:
-        raise EraserFileError(f"{path}: file is empty or truncated ({size} bytes); re-download or re-save it")
-    header_bytes = int.from_bytes(prefix, "little")
-    if header_bytes > MAX_HEADER_BYTES or header_bytes > size - 8:
-        raise EraserFileError(f"{path}: the safetensors header claims {header_bytes} bytes but the file has "
-                              f"{size}; the file is truncated or not a safetensors file")
-    try:
-        with safe_open(str(path), framework="pt") as reader:
-            header = dict(reader.metadata() or {})
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise EraserFileError(f"{path}: not a readable safetensors file ({error}); re-download or re-save it") from None
-    return tensors, header
-
-

@@ -1,41 +1,28 @@
 """Sharing erasers: push to the Hugging Face Hub with a model card, and export as standard LoRA.
 
-A SepME increment (paper Eq. 10) `dW = beta * w @ S_p^T` is exactly a LoRA whose
-down-projection is fixed: `lora_A = S_p^T` (m x d_in) and `lora_B = beta * w` (d_out x m),
-scale 1 (`lora_alpha = r`). Plain diffusers therefore loads an exported eraser with
-`pipe.load_lora_weights(file, adapter_name=...)`, sums several with `pipe.set_adapters([...])`
-and switches them off with `pipe.disable_lora()`. `beta` sits in `lora_B` rather than in
-`lora_A` so no factor is ~1e-5 small: fp16 keeps both factors at full precision.
-The eraser's own header (concept, known prompts, fingerprint, training statistics) travels in
-the export under the safetensors metadata key `sepme_eraser`, so `load_sepme` reads exports too.
-
-Dense erasers (`basis=None`: G-CiRs and the baselines) export as exact full-rank LoRAs
-(`r = min(d_out, d_in)`, one factor the identity, `beta * w` the other); they are as large as
-the dense file and carry no separation guarantee.
+An exported eraser is a plain diffusers LoRA (`formats.lora_from_eraser`: `lora_A = S_p^T`,
+`lora_B = beta * w`, scale 1), so diffusers loads it with `pipe.load_lora_weights(file,
+adapter_name=...)`, sums several with `pipe.set_adapters([...])` and switches them off with
+`pipe.disable_lora()`; `load_sepme` reads the exports too. Dense erasers (G-CiRs and the
+baselines) export as exact full-rank LoRAs; they carry no separation guarantee.
 """
 
 from __future__ import annotations
 
-import argparse
+import argparse  # the CLI functions below move to cli/
 import json
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .eraser import FORMAT_NAME, Eraser, atomic_save_safetensors
+from .eraser import Eraser
 from .errors import EraserFileError
+from .files import eraser_filename
+from .formats import SEPME_LORA_KEY, atomic_save_safetensors
 
-SEPME_LORA_KEY = "sepme_eraser"  # safetensors metadata key holding the eraser's header (JSON)
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key: LoraConfig arguments (JSON)
-LORA_LAYOUT = "sepme-lora-v1"  # separable: A = S_p^T, B = beta * w; dense: A @ B = beta * w
-UNET_PREFIX = "unet."
-LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 LORA_FOLDER = "lora"  # where push_to_hub puts the plain-diffusers exports inside a repo
 LIBRARY_NAME = "sepme-adapter"
 TAGS = ["sepme", "concept-erasure", "diffusers", "lora", "text-to-image"]
@@ -46,61 +33,7 @@ if TYPE_CHECKING:
 ErasersOrPaths = Eraser | str | os.PathLike | Iterable[Eraser | str | os.PathLike]
 
 
-# ------------------------------------------------------------------ LoRA export / import
-def _lora_factors(eraser: Eraser, layer_path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(lora_A, lora_B)` of one layer with `lora_B @ lora_A == eraser.delta(layer_path)`."""
-    w = eraser.weights[layer_path].detach().cpu()
-    scaled = (eraser.beta * w.float()).to(w.dtype)  # beta * w exactly as the run-time processor computes it
-    if eraser.basis is not None:
-        return eraser.basis.detach().cpu().T.clone(memory_format=torch.contiguous_format), scaled.contiguous()
-    d_out, d_in = w.shape
-    if d_out <= d_in:  # rank d_out: B = I, A = beta * w
-        return scaled.contiguous(), torch.eye(d_out, dtype=w.dtype)
-    return torch.eye(d_in, dtype=w.dtype), scaled.contiguous()
-
-
-def eraser_to_lora(eraser: Eraser) -> dict[str, torch.Tensor]:
-    """The eraser as a diffusers PEFT-format LoRA state dict: `unet.<layer>.lora_A.weight` / `.lora_B.weight`.
-
-    Every layer's `lora_B @ lora_A` is the eraser's increment `beta * w @ S_p^T` (Eq. 10), so with
-    `lora_alpha == r` (diffusers' default for files without alphas) the LoRA adds exactly `dW`.
-    """
-    eraser.validate()
-    tensors = {}
-    for layer_path in sorted(eraser.weights):
-        lora_a, lora_b = _lora_factors(eraser, layer_path)
-        tensors[f"{UNET_PREFIX}{layer_path}.lora_A.weight"] = lora_a
-        tensors[f"{UNET_PREFIX}{layer_path}.lora_B.weight"] = lora_b
-    return tensors
-
-
-def lora_adapter_config(eraser: Eraser) -> dict[str, Any]:
-    """`LoraConfig` arguments diffusers reads from `lora_adapter_metadata`: rank = alpha per layer (scale 1)."""
-    ranks = {path: _lora_rank(eraser, path) for path in sorted(eraser.weights)}
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)
-    pattern = {f"^{path}": r for path, r in ranks.items() if r != rank}
-    return {
-        "r": rank, "lora_alpha": rank, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
-        "target_modules": sorted(eraser.weights), "lora_dropout": 0.0, "bias": "none",
-    }
-
-
-def _lora_rank(eraser: Eraser, layer_path: str) -> int:
-    if eraser.basis is not None:
-        return int(eraser.basis.shape[1])
-    return int(min(eraser.weights[layer_path].shape))
-
-
-def lora_header(eraser: Eraser) -> dict[str, str]:
-    """Safetensors metadata of an export: diffusers' LoRA config plus the eraser's own header."""
-    config = {f"{UNET_PREFIX}{key}": value for key, value in lora_adapter_config(eraser).items()}
-    return {
-        "format": "pt",
-        LORA_ADAPTER_METADATA_KEY: json.dumps(config, sort_keys=True),
-        SEPME_LORA_KEY: json.dumps({**eraser.header(), "lora_layout": LORA_LAYOUT}),
-    }
-
-
+# ------------------------------------------------------------------ LoRA export
 def save_lora(eraser: Eraser, path: str | os.PathLike) -> Path:
     """Write the eraser as one standard LoRA `.safetensors` file (atomic, like `Eraser.save`).
 
@@ -111,75 +44,12 @@ def save_lora(eraser: Eraser, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA exports are .safetensors files; got {str(path)!r}")
-    atomic_save_safetensors(eraser_to_lora(eraser), path, lora_header(eraser))
+    tensors, header = eraser.to_lora()
+    atomic_save_safetensors(tensors, path, header)
     return path
 
 
-def is_sepme_lora(header: dict[str, str]) -> bool:
-    """True for the metadata of a file written by `save_lora` / `sepme export-lora`."""
-    return SEPME_LORA_KEY in header and header.get("format") != FORMAT_NAME
-
-
-def eraser_from_lora(tensors: dict[str, torch.Tensor], header: dict[str, str], source: str = "eraser") -> Eraser:
-    """Rebuild the eraser from an export: basis `S_p = lora_A^T`, `w = lora_B / beta` (dense: `B @ A / beta`)."""
-
-    def fail(problem: str) -> EraserFileError:
-        return EraserFileError(f"{source}: {problem}")
-
-    try:
-        sepme = json.loads(header[SEPME_LORA_KEY])
-    except (KeyError, ValueError, TypeError):
-        raise fail(f"the metadata {SEPME_LORA_KEY!r} is missing or not JSON; re-export the eraser") from None
-    if not isinstance(sepme, dict) or not all(isinstance(v, str) for v in sepme.values()):
-        raise fail(f"the metadata {SEPME_LORA_KEY!r} must be a JSON object of strings")
-    layout = sepme.pop("lora_layout", None)
-    if layout != LORA_LAYOUT:
-        raise fail(f"unknown SepME LoRA layout {layout!r} (this sepme-adapter reads {LORA_LAYOUT!r}); "
-                   f"upgrade sepme-adapter")
-    try:
-        beta = float(sepme["beta"])
-    except (KeyError, ValueError):
-        raise fail("the SepME metadata has no valid 'beta'") from None
-    if not beta > 0:
-        raise fail(f"beta must be positive, got {beta}")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
-        if not key.startswith(UNET_PREFIX) or suffix is None:
-            raise fail(f"unexpected tensor {key!r} in a SepME LoRA export (expected "
-                       f"'unet.<layer>.lora_A.weight' / '.lora_B.weight')")
-        factors.setdefault(key[len(UNET_PREFIX): -len(suffix)], {})[suffix[1:7]] = tensor
-    if not factors:
-        raise fail("the LoRA export holds no tensors")
-    incomplete = sorted(path for path, pair in factors.items() if len(pair) != 2)
-    if incomplete:
-        raise fail(f"layers {incomplete} lack lora_A or lora_B; the file is damaged, re-export it")
-    state: dict[str, torch.Tensor] = {}
-    separable = sepme.get("kind") == "separable"
-    first_a = next(iter(factors.values()))["lora_A"]
-    for path, pair in factors.items():
-        lora_a, lora_b = pair["lora_A"], pair["lora_B"]
-        if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
-            raise fail(f"{path}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not chain")
-        if separable:
-            if not torch.equal(lora_a, first_a):
-                raise fail(f"{path}: lora_A differs from the other layers', but a separable eraser shares one "
-                           f"basis S_p; the file was edited or is not a SepME export")
-            w = lora_b.double() / beta
-        else:
-            w = (lora_b.double() @ lora_a.double()) / beta
-        state[f"{path}.w"] = w.to(lora_b.dtype).contiguous()
-    if separable:
-        state["basis"] = first_a.T.contiguous()
-    return Eraser.from_state_dict(state, sepme, source=source)
-
-
 # ------------------------------------------------------------------ gathering erasers
-def _safe_stem(name: str) -> str:
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return stem or "eraser"
-
-
 def _gather(erasers_or_paths: ErasersOrPaths) -> list[tuple[str, Eraser, Path | None]]:
     """`(file name, eraser, source path or None)` for each eraser; refuses duplicate names."""
     if isinstance(erasers_or_paths, (Eraser, str, os.PathLike)):
@@ -188,7 +58,7 @@ def _gather(erasers_or_paths: ErasersOrPaths) -> list[tuple[str, Eraser, Path | 
     for item in erasers_or_paths:
         if isinstance(item, Eraser):
             item.validate()
-            entries.append((f"{_safe_stem(item.name)}.safetensors", item, None))
+            entries.append((eraser_filename(item.name), item, None))
         else:
             path = Path(item)
             if path.is_dir():
@@ -465,4 +335,4 @@ def register_cli(subparsers: Any) -> None:
     export.set_defaults(func=_run_export)
 
 
-__all__ = ["eraser_from_lora", "eraser_to_lora", "export_lora", "model_card", "push_to_hub", "save_lora"]
+__all__ = ["SEPME_LORA_KEY", "export_lora", "model_card", "push_to_hub", "save_lora"]

@@ -12,79 +12,33 @@ import os
 import types
 import warnings
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
 
-from .base_model import base_linear, fingerprint, fingerprint_mismatch
 from .eraser import Eraser
 from .errors import BaseModelMismatchError, SepMEStateError
+from .files import resolve_eraser_files
+from .fingerprint import fingerprint, fingerprint_mismatch
 from .processor import ErasureRuntime
+from .unet import base_linear, layer_weight
 
 RUNTIME_ATTRIBUTE = "_sepme_runtime"
 
 
+def erasure_runtime(pipe: Any, create: bool = False) -> ErasureRuntime | None:
+    """The `ErasureRuntime` of a pipeline's UNet (its loaded erasers and plans); `create` makes one."""
+    runtime = getattr(pipe.unet, RUNTIME_ATTRIBUTE, None)
+    if runtime is None and create:
+        runtime = ErasureRuntime(pipe.unet)
+        setattr(pipe.unet, RUNTIME_ATTRIBUTE, runtime)
+    return runtime
+
+
 class SepMEWarning(UserWarning):
     """Something works but without the guarantee the user may expect (e.g. approximate separation)."""
-
-
-def _check_relative_name(name: str, what: str) -> None:
-    """Refuse names that would leave the folder or repository (`../`, absolute paths)."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-        raise ValueError(f"{what} {name!r} must be a relative path inside the folder or repository")
-
-
-def resolve_eraser_files(
-    source: str | os.PathLike,
-    weight_name: str | None = None,
-    subfolder: str | None = None,
-    **hub_kwargs: Any,
-) -> list[Path]:
-    """Eraser files for a local file, a folder, or a Hub repo id (through `huggingface_hub`).
-
-    A folder or repo without `weight_name` gives every `.safetensors` file in it (a repo: at its top
-    level or `subfolder`, so the `lora/` exports `push_to_hub` adds are not loaded twice).
-    Hub downloads honour `HF_HUB_OFFLINE`, the local cache, `revision`, `cache_dir`, `token`.
-    """
-    for value, what in ((weight_name, "weight_name"), (subfolder, "subfolder")):
-        if value is not None:
-            _check_relative_name(value, what)
-    path = Path(source)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        folder = path / subfolder if subfolder else path
-        if weight_name is not None:
-            return [folder / weight_name]
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no .safetensors eraser files in folder {str(folder)!r}")
-        return files
-    from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    source = str(source)
-    try:
-        if source.endswith(".safetensors"):
-            raise HFValidationError(source)
-        validate_repo_id(source)
-    except HFValidationError:
-        raise FileNotFoundError(f"eraser file or folder {source!r} does not exist (and is not a Hub repo id)") from None
-
-    if weight_name is not None:
-        return [Path(hf_hub_download(source, weight_name, subfolder=subfolder, **hub_kwargs))]
-    # one level only (fnmatch's `*` crosses `/`): push_to_hub keeps LoRA copies of the erasers in lora/
-    pattern, nested = (f"{subfolder}/*.safetensors", f"{subfolder}/*/*") if subfolder else ("*.safetensors", "*/*")
-    folder = Path(snapshot_download(source, allow_patterns=[pattern], ignore_patterns=[nested], **hub_kwargs))
-    try:
-        return resolve_eraser_files(folder, subfolder=subfolder)
-    except FileNotFoundError:
-        where = f"{source}/{subfolder}" if subfolder else source
-        raise FileNotFoundError(f"Hub repo {where!r} (revision {hub_kwargs.get('revision') or 'main'!r}) has no "
-                                f".safetensors eraser files; pass weight_name=... or check the repo") from None
 
 
 class SepMELoaderMixin:
@@ -93,17 +47,12 @@ class SepMELoaderMixin:
 
     # ------------------------------------------------------------ internals
     def _sepme(self, create: bool = False) -> ErasureRuntime | None:
-        runtime = getattr(self.unet, RUNTIME_ATTRIBUTE, None)
-        if runtime is None and create:
-            runtime = ErasureRuntime(self.unet)
-            setattr(self.unet, RUNTIME_ATTRIBUTE, runtime)
-        return runtime
+        return erasure_runtime(self, create)
 
     def _sepme_fingerprint(self, runtime: ErasureRuntime) -> dict[str, Any]:
-        cached = getattr(runtime, "base_fingerprint", None)
-        if cached is None:
-            cached = runtime.base_fingerprint = fingerprint(self, getattr(runtime, "fused_originals", None))
-        return cached
+        if runtime.base_fingerprint is None:
+            runtime.base_fingerprint = fingerprint(self, runtime.fused_originals)
+        return runtime.base_fingerprint
 
     def _check_fits(self, eraser: Eraser, runtime: ErasureRuntime, allow_base_mismatch: bool, source: str) -> None:
         """Shapes always; the base-model fingerprint unless `allow_base_mismatch`."""
@@ -319,11 +268,11 @@ class SepMELoaderMixin:
                 totals[layer_path] = delta if layer_path not in totals else totals[layer_path] + delta
         originals = {}
         for layer_path, delta in totals.items():
-            weight = base_linear(self.unet.get_submodule(layer_path)).weight
+            weight = layer_weight(self.unet, layer_path)
             originals[layer_path] = weight.detach().clone()
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
         runtime.fused_originals = originals
-        runtime.fused_checksums = {p: _checksum(base_linear(self.unet.get_submodule(p)).weight) for p in totals}
+        runtime.fused_checksums = {p: _checksum(layer_weight(self.unet, p)) for p in totals}
         runtime.fused = True
 
     def _refuse_fused_projections(self, runtime: ErasureRuntime, action: str) -> None:
@@ -342,14 +291,14 @@ class SepMELoaderMixin:
             raise SepMEStateError("nothing is fused; call pipe.fuse_sepme() first")
         self._refuse_fused_projections(runtime, "unfuse_sepme")
         changed = [p for p, checksum in runtime.fused_checksums.items()
-                   if _checksum(base_linear(self.unet.get_submodule(p)).weight) != checksum]
+                   if _checksum(layer_weight(self.unet, p)) != checksum]
         if changed:
             raise SepMEStateError(
                 f"{len(changed)} fused layers changed since fuse_sepme (e.g. {changed[0]}), e.g. by fuse_lora; "
                 f"undo those changes first (unfuse in the reverse order of fusing), so unfusing restores "
                 f"exactly the original weights")
         for layer_path, original in runtime.fused_originals.items():
-            base_linear(self.unet.get_submodule(layer_path)).weight.copy_(original)
+            layer_weight(self.unet, layer_path).copy_(original)
         runtime.fused_originals = {}
         runtime.fused = False
 
@@ -394,4 +343,4 @@ class SepMEStableDiffusionPipeline(SepMELoaderMixin, StableDiffusionPipeline):
     """
 
 
-__all__ = ["SepMELoaderMixin", "SepMEStableDiffusionPipeline", "SepMEWarning", "attach", "resolve_eraser_files"]
+__all__ = ["SepMELoaderMixin", "SepMEStableDiffusionPipeline", "SepMEWarning", "attach", "erasure_runtime"]

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base_model import cross_attention_modules
 from .eraser import Eraser
 from .errors import ErasureNotAppliedError
+from .unet import cross_attention_modules
 
 # A plan says which erasers apply to which batch rows: (adapter name, row indices or None = all).
 Plan = tuple[tuple[str, "torch.Tensor | None"], ...]
@@ -43,6 +43,10 @@ class ErasureRuntime:
         self.plan: Plan = ()
         self.fused = False
         self.on_replaced = on_replaced  # "reinstall" (warn) or "raise"
+        # fuse_sepme: the original weights of the fused layers, and checksums of the fused ones
+        self.fused_originals: dict[str, torch.Tensor] = {}
+        self.fused_checksums: dict[str, tuple[float, float]] = {}
+        self.base_fingerprint: dict[str, Any] | None = None  # of the original weights, computed once
         self._cast_cache: dict[tuple[str, str, torch.device, torch.dtype], torch.Tensor] = {}
         # A pipeline passes the same text tensor to every denoising step, so each layer's increment
         # is the same at every step: layer path -> (text tensor, its version, plan, increment).

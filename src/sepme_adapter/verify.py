@@ -12,8 +12,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .base_model import base_linear, encode_prompts
 from .eraser import Eraser
+from .text import encode_prompts
+from .unet import base_linear
 
 LEAK_TOLERANCE = 1e-4  # relative to the increment's effect on the concept's own prompt
 MIN_EFFECT = 1e-6  # relative change of the concept's keys / values below which an eraser "does nothing"

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .demo.tokenizer import write_word_tokenizer
+from ..demo.tokenizer import write_word_tokenizer
 
 DEFAULT_WORDS = (
     "a painting by of the in style photo van gogh picasso cezanne monet dog cat church parachute "
