@@ -1,15 +1,23 @@
-"""The null-space basis `S_p` of stacked prompt embeddings (paper Eq. 8).
+"""The basis `S_p` of an eraser: the exact null space of the known prompts (paper Eq. 8), or a compact one.
 
 For concept i, `A_i = [c_0; c_j for j != i]` stacks the blank prompt and every other known
 prompt (each an `L x d_in` text-encoder output). Any increment `dW = beta * w @ S_p.T` with
 `S_p` spanning the null space of `A_i` satisfies `A_i @ dW.T = 0`: the keys and values of
 those prompts are untouched. The paper solves for `S_p` symbolically; an SVD in float64 gives
 an orthonormal basis of the same space in milliseconds.
+
+The exact null space shrinks by up to L dimensions per known prompt (SD v1: 77 of 768), so it is
+gone after about ten one-prompt concepts. `compact_basis` relaxes Eq. 8 to a measured bound: it
+keeps the directions the known prompts barely use, so that each known prompt's share of energy in
+`S_p` is at most `max_leakage` (`||c S_p||_F <= max_leakage * ||c||_F` for every known `c`).
+`choose_basis` uses the exact space while it has room and the compact one after that.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -62,3 +70,85 @@ def null_space_basis(
             f"(each prompt adds up to its token count of rows), or a larger rtol."
         )
     return vh[rank:].T.contiguous().to(torch.float32)
+
+
+MIN_EXACT_FRACTION = 1 / 8  # `choose_basis` keeps the exact null space while it has >= d_in / 8 dimensions
+DEFAULT_MAX_LEAKAGE = 1e-3  # the compact basis' bound on each known prompt's relative energy in S_p
+
+
+def per_prompt_rows(embeddings: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Each prompt's `L x d` rows in float64 (a `n x L x d` tensor is n prompts; `L x d` is one)."""
+    parts = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+    prompts = []
+    for part in parts:
+        rows = stack_embeddings(part)
+        if isinstance(part, torch.Tensor) and part.ndim == 3:
+            prompts += list(rows.reshape(part.shape[0], -1, rows.shape[-1]))
+        else:
+            prompts.append(rows)
+    return prompts
+
+
+def compact_basis(embeddings: torch.Tensor | Sequence[torch.Tensor], max_leakage: float = DEFAULT_MAX_LEAKAGE
+                  ) -> tuple[torch.Tensor, float]:
+    """The largest basis in which every known prompt keeps at most `max_leakage` of its norm (relaxed Eq. 8).
+
+    Each prompt's rows are scaled to unit Frobenius norm and stacked into `M`; with `M = U diag(s) V^T`,
+    `S_p` is the trailing columns of `V` whose squared singular values sum to at most `max_leakage^2`.
+    Then `||c S_p||_F / ||c||_F <= ||M S_p||_F = sqrt(sum of those s^2)` for every prompt `c`: the
+    returned bound (0 within round-off for the exact null space, which is always included).
+
+    Example:
+        >>> basis, bound = compact_basis(known_embeddings, max_leakage=1e-3)  # bound <= 1e-3
+    """
+    if not math.isfinite(max_leakage) or max_leakage < 0:
+        raise ValueError(f"max_leakage must be a finite number >= 0, got {max_leakage!r}")
+    prompts = per_prompt_rows(embeddings)
+    matrix = torch.cat([p / p.norm().clamp_min(1e-300) for p in prompts])
+    width = matrix.shape[1]
+    _, singular, vh = torch.linalg.svd(matrix, full_matrices=True)
+    energy = torch.zeros(width, dtype=torch.float64)
+    energy[: singular.numel()] = singular**2
+    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[j] = energy of directions j..end
+    start = int((tail > max_leakage**2).sum())  # the first direction whose tail fits
+    if start >= width:
+        raise EmptyNullSpaceError(
+            f"no direction of the {width}-wide text space keeps the {len(prompts)} known prompts below "
+            f"max_leakage={max_leakage:g}; raise max_leakage or use fewer known / protected prompts")
+    bound = float(tail[start].sqrt())
+    return vh[start:].T.contiguous().to(torch.float32), bound
+
+
+@dataclass(frozen=True)
+class BasisChoice:
+    """The basis an eraser uses and why: `exact` (Eq. 8) or `compact` with its guaranteed `bound`."""
+
+    basis: torch.Tensor
+    kind: str
+    bound: float
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "dimensions": int(self.basis.shape[1]), "energy_bound": self.bound}
+
+
+def choose_basis(embeddings: torch.Tensor | Sequence[torch.Tensor], max_leakage: float | None = None,
+                 rtol: float | None = None) -> BasisChoice:
+    """The exact null space (Eq. 8) while it has room, else the compact basis.
+
+    `max_leakage=None`: exact if it keeps at least `d_in * MIN_EXACT_FRACTION` dimensions, else compact at
+    `DEFAULT_MAX_LEAKAGE`. `max_leakage=0`: exact only (raises `EmptyNullSpaceError` when none is left).
+    `max_leakage > 0`: compact at that bound.
+    """
+    if max_leakage is None or max_leakage == 0:
+        try:
+            exact = null_space_basis(embeddings, rtol=rtol)
+        except EmptyNullSpaceError:
+            if max_leakage == 0:
+                raise
+            exact = None
+        width = stack_embeddings(embeddings).shape[1]
+        if max_leakage == 0 or (exact is not None and exact.shape[1] >= width * MIN_EXACT_FRACTION):
+            return BasisChoice(exact, "exact", 0.0)
+        max_leakage = DEFAULT_MAX_LEAKAGE
+    basis, bound = compact_basis(embeddings, max_leakage)
+    return BasisChoice(basis, "compact", bound)

@@ -40,13 +40,15 @@ class Eraser:
 
     Args:
         name: the concept's name (the default adapter name when loaded).
-        prompt: the prompt the increment was trained to erase.
+        prompt: the concept's main prompt (the first of `prompts`).
         basis: `S_p`, `d_in x m` with orthonormal columns, or `None` for a dense increment.
         weights: `"<attn2 module path>.to_k"` / `".to_v"` -> `w` (`d_out x m`; dense: `d_out x d_in`).
         beta: the fixed scale of Eq. 10 (paper default 1e-4).
-        known: names -> prompts of the concepts whose embeddings the basis excludes.
+        known: names -> prompts (a list each; a string is one prompt) of the concepts the basis excludes.
         protected: extra prompts the basis excludes (kept exact), e.g. watermark triggers.
-        metadata: free-form JSON-able dict: `base_model`, `fingerprint`, `training`, `stats`.
+        metadata: free-form JSON-able dict: `base_model`, `fingerprint`, `training`, `stats`, `basis`
+            (kind, dimensions, energy bound) and `certificate` (the measured leakage, see `certificate.py`).
+        prompts: every prompt of the concept the increment was trained to erase (default `[prompt]`).
 
     Example:
         >>> eraser = Eraser.load("vangogh.safetensors")
@@ -59,9 +61,10 @@ class Eraser:
     basis: torch.Tensor | None
     weights: dict[str, torch.Tensor]
     beta: float = 1e-4
-    known: dict[str, str] = field(default_factory=dict)
+    known: dict[str, list[str]] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] = field(default_factory=list)
     source: InitVar[str] = "eraser"  # names the file in validation errors; not stored
 
     def __post_init__(self, source: str) -> None:
@@ -95,17 +98,29 @@ class Eraser:
         return total / max(len(self.weights), 1)
 
     def is_separable_from(self, other: Eraser) -> bool:
-        """Guaranteed separable: both bases exclude each other's exact prompt (DESIGN.md)."""
+        """Guaranteed separable: both bases exclude all of each other's prompts (DESIGN.md)."""
         return (
             self.separable
             and other.separable
-            and self.known.get(other.name) == other.prompt
-            and other.known.get(self.name) == self.prompt
+            and all(self.excludes_prompt(p) for p in other.prompts)
+            and all(other.excludes_prompt(p) for p in self.prompts)
         )
 
+    @property
+    def excluded_prompts(self) -> list[str]:
+        """The prompts the basis excludes: blank, every known concept's prompts, the protected prompts."""
+        return list(dict.fromkeys(["", *(p for ps in self.known.values() for p in ps), *self.protected]))
+
     def excludes_prompt(self, prompt: str) -> bool:
-        """True when this eraser's basis excludes `prompt`, so its keys and values stay exact."""
-        return self.separable and (prompt == "" or prompt in self.known.values() or prompt in self.protected)
+        """True when this eraser's basis excludes `prompt`: its keys and values stay exact (exact basis) or
+        change by at most the leakage certificate (compact basis)."""
+        return self.separable and prompt in self.excluded_prompts
+
+    @property
+    def certificate(self) -> float | None:
+        """The measured leakage: the largest relative K/V change over the excluded prompts (None: not measured)."""
+        record = self.metadata.get("certificate")
+        return float(record["max_leakage"]) if isinstance(record, dict) and "max_leakage" in record else None
 
     # ------------------------------------------------------------- validation
     def validate(self, source: str = "eraser") -> None:
@@ -121,10 +136,14 @@ class Eraser:
         if not isinstance(self.beta, (int, float)) or not math.isfinite(self.beta) or self.beta <= 0:
             fail(f"beta must be a positive finite number, got {self.beta!r}")
         self.beta = float(self.beta)
-        if not isinstance(self.known, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in self.known.items()
-        ):
-            fail("known must map concept names (str) to prompts (str)")
+        if not isinstance(self.known, dict) or not all(isinstance(k, str) for k in self.known):
+            fail("known must map concept names (str) to prompts (a str or a list of str)")
+        self.known = {k: [v] if isinstance(v, str) else v for k, v in self.known.items()}
+        if not all(isinstance(v, list) and v and all(isinstance(p, str) for p in v) for v in self.known.values()):
+            fail("known must map concept names (str) to prompts (a str or a non-empty list of str)")
+        if isinstance(self.prompts, (str, bytes)) or not all(isinstance(p, str) for p in self.prompts):
+            fail("prompts must be a list of prompt strings")
+        self.prompts = list(dict.fromkeys([self.prompt, *self.prompts]))
         if isinstance(self.protected, (str, bytes)) or not all(isinstance(p, str) for p in self.protected):
             fail("protected must be a list of prompt strings")
         self.protected = list(self.protected)
@@ -166,6 +185,7 @@ class Eraser:
             "prompt": self.prompt,
             "kind": "separable" if self.separable else "dense",
             "beta": repr(self.beta),
+            "prompts": json.dumps(self.prompts),
             "known": json.dumps(self.known),
             "protected": json.dumps(self.protected),
             "text_width": str(self.text_width),
@@ -234,6 +254,7 @@ class Eraser:
             known = json.loads(header["known"])
             protected = json.loads(header["protected"])
             metadata = json.loads(header["metadata"])
+            prompts = json.loads(header.get("prompts", "[]"))
         except (ValueError, TypeError) as error:
             raise fail(f"malformed metadata ({error})") from None
         if not isinstance(metadata, dict):
@@ -249,7 +270,8 @@ class Eraser:
         if unexpected:
             raise fail(f"unexpected tensor {unexpected[0]!r} (expected 'basis' and '<layer path>.w')")
         eraser = cls(name=header["name"], prompt=header["prompt"], basis=basis, weights=layer_weights(tensors),
-                     beta=beta, known=known, protected=protected, metadata=metadata, source=source)
+                     beta=beta, known=known, protected=protected, metadata=metadata, prompts=prompts,
+                     source=source)
         if "text_width" in header and header["text_width"] != str(eraser.text_width):
             raise fail(f"metadata text_width {header['text_width']} does not match the tensors ({eraser.text_width})")
         return eraser

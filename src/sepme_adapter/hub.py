@@ -160,20 +160,26 @@ def model_card(
         "(*Separable Multi-Concept Erasure from Diffusion Models*). Each file is one concept's weight "
         "increment `dW = beta * w @ S_p^T` on the cross-attention `to_k` / `to_v` layers; any subset can "
         "be erased or restored at run time. `S_p` spans the null space of the blank prompt's, the known "
-        "concepts' and the protected prompts' text embeddings, so those keep their exact keys and values.",
+        "concepts' and the protected prompts' text embeddings, so those keep their exact keys and values "
+        "(exact basis) or move by at most the eraser's leakage certificate (compact basis: the largest "
+        "relative change of any cross-attention key or value over those prompts, measured after training).",
         "", "## Concepts", "",
-        "| concept | file | prompt | known concepts (kept exact) | protected prompts | kind | beta | ‖dθ‖ₚ |",
-        "|---|---|---|---|---|---|---|---|",
+        "| concept | file | prompts | known concepts (kept exact) | protected prompts | kind | basis | "
+        "leakage certificate | beta | ‖dθ‖ₚ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for file_name, e in entries:
-        lines.append(f"| {_cell(e.name)} | `{file_name}` | {_cell(e.prompt)} | {_cell(', '.join(e.known) or '-')} | "
-                     f"{_cell(', '.join(e.protected) or '-')} | {'separable' if e.separable else 'dense'} | "
+        basis = e.metadata.get("basis") or {}
+        certificate = "not measured" if e.certificate is None else f"{e.certificate:.2e}"
+        lines.append(f"| {_cell(e.name)} | `{file_name}` | {_cell('; '.join(e.prompts))} | "
+                     f"{_cell(', '.join(e.known) or '-')} | {_cell(', '.join(e.protected) or '-')} | "
+                     f"{'separable' if e.separable else 'dense'} | {_cell(basis.get('kind', '-'))} | {certificate} | "
                      f"{e.beta:g} | {e.dtheta_p():.4g} |")
     lines.append("")
     for file_name, e in entries:
-        lines += [f"### {e.name}", "", f"- file: `{file_name}`", f"- prompt: {e.prompt!r}",
+        lines += [f"### {e.name}", "", f"- file: `{file_name}`", *(f"- prompt: {p!r}" for p in e.prompts),
                   f"- base model: {e.metadata.get('base_model') or 'unknown'}"]
-        lines += [f"- known concept {k!r}: {p!r}" for k, p in e.known.items()]
+        lines += [f"- known concept {k!r}: {'; '.join(map(repr, ps))}" for k, ps in e.known.items()]
         lines += [f"- protected prompt: {p!r}" for p in e.protected]
         lines.append("")
         lines += _table(e.metadata.get("training"), "training setting")

@@ -196,10 +196,10 @@ class SepMELoaderMixin:
         ]
         restored = [n for n in runtime.erasers if n not in erasers]
         leaking = [(a, r) for a in names for r in restored
-                   if not erasers[a].excludes_prompt(runtime.erasers[r].prompt)]
+                   if not all(erasers[a].excludes_prompt(p) for p in runtime.erasers[r].prompts)]
         if weak or leaking:
             details = [f"{a} + {b} (not trained knowing each other)" for a, b in weak]
-            details += [f"{a} touches restored {r!r}'s prompt" for a, r in leaking]
+            details += [f"{a} touches restored {r!r}'s prompts beyond its leakage certificate" for a, r in leaking]
             warnings.warn("this combination has no exact separation guarantee: " + "; ".join(details),
                           SepMEWarning, stacklevel=3)
 
@@ -209,15 +209,17 @@ class SepMELoaderMixin:
         return [] if runtime is None else list(runtime.active)
 
     def list_sepme(self) -> dict[str, dict[str, Any]]:
-        """Every loaded eraser: its concept prompt, known concepts, protected prompts and state."""
+        """Every loaded eraser: its prompts, known concepts, protected prompts, basis, leakage certificate
+        (the largest relative K/V change it causes on the prompts it keeps; None if never measured) and state."""
         runtime = self._sepme()
         if runtime is None:
             return {}
         return {
             name: {
-                "concept": e.name, "prompt": e.prompt, "known": dict(e.known), "protected": list(e.protected),
-                "separable": e.separable, "erased": name in runtime.active, "beta": e.beta,
-                "base_model": e.metadata.get("base_model"),
+                "concept": e.name, "prompt": e.prompt, "prompts": list(e.prompts), "known": dict(e.known),
+                "protected": list(e.protected), "separable": e.separable, "erased": name in runtime.active,
+                "beta": e.beta, "base_model": e.metadata.get("base_model"),
+                "basis": e.metadata.get("basis"), "certificate": e.certificate,
             }
             for name, e in runtime.erasers.items()
         }

@@ -22,7 +22,7 @@ MIN_EFFECT = 1e-6  # relative change of the concept's keys / values below which 
 
 def verify_eraser(pipe: Any, eraser: Eraser) -> dict[str, Any]:
     """Per-layer leakage and effect of one eraser on the pipeline's base weights."""
-    prompts = {"blank": [""], "known": list(eraser.known.values()), "protected": list(eraser.protected)}
+    prompts = {"blank": [""], "known": [p for ps in eraser.known.values() for p in ps], "protected": list(eraser.protected)}
     texts = encode_prompts(pipe, [eraser.prompt, *(p for group in prompts.values() for p in group)]).double()
     concept, rest = texts[0], texts[1:]
     groups, start = {}, 0

@@ -1,0 +1,56 @@
+"""The leakage certificate every eraser carries (DESIGN.md): how far it moves the prompts it must keep.
+
+For an eraser with increment `dW_l = beta * w_l @ S_p^T` (Eq. 10) and its excluded prompts (blank,
+known concepts' prompts, protected prompts; each an `L x d_in` embedding `c`), the certificate is
+
+    max over layers l (to_k / to_v) and excluded prompts c of  ||c dW_l^T||_F / ||c W_l^T||_F,
+
+the largest relative change of any `attn2` key or value those prompts see. With the exact null space
+(Eq. 8) it is float round-off (~1e-7); with a compact basis it is the measured price of capacity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .eraser import Eraser
+from .text import encode_prompts
+from .unet import layer_weight
+
+
+def relative_change(embeddings: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`||c dW^T||_F / ||c W^T||_F` for each prompt `c` of `embeddings` (`n x L x d`), in float64."""
+    change = torch.linalg.matrix_norm(embeddings @ delta.T)
+    return change / torch.linalg.matrix_norm(embeddings @ weight.T).clamp_min(1e-300)
+
+
+@torch.no_grad()
+def leakage_certificate(pipe: Any, eraser: Eraser, prompts: list[str] | None = None,
+                        original_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Measure the certificate of `eraser` on `pipe`'s base weights (default prompts: `eraser.excluded_prompts`).
+
+    `original_weights`: layer path -> the unfused weight, when the pipeline's weights are fused.
+    Returns `{"max_leakage", "worst_prompt", "worst_layer", "prompts"}`.
+    """
+    prompts = eraser.excluded_prompts if prompts is None else list(prompts)
+    texts = encode_prompts(pipe, prompts).double()
+    worst, worst_prompt, worst_layer = 0.0, None, None
+    for layer in sorted(eraser.weights):
+        if not layer.endswith(("to_k", "to_v")):
+            continue  # dense to_q / to_out increments do not read text
+        weight = (original_weights or {}).get(layer)
+        weight = (layer_weight(pipe.unet, layer) if weight is None else weight).detach().double().cpu()
+        changes = relative_change(texts, eraser.delta(layer).double(), weight)
+        index = int(changes.argmax())
+        if float(changes[index]) >= worst:
+            worst, worst_prompt, worst_layer = float(changes[index]), prompts[index], layer
+    return {"max_leakage": worst, "worst_prompt": worst_prompt, "worst_layer": worst_layer,
+            "prompts": len(prompts)}
+
+
+def certify(pipe: Any, eraser: Eraser) -> Eraser:
+    """Measure the certificate and store it in `eraser.metadata["certificate"]`; returns the eraser."""
+    eraser.metadata["certificate"] = leakage_certificate(pipe, eraser)
+    return eraser
