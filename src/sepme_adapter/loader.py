@@ -8,6 +8,7 @@ eraser fits it (layer shapes, text width, base-model fingerprint), and keeps one
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 import warnings
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import ModelMixin, StableDiffusionPipeline
 
 from .eraser import Eraser
 from .errors import BaseModelMismatchError, SepMEStateError
@@ -34,11 +35,46 @@ def erasure_runtime(pipe: Any, create: bool = False) -> ErasureRuntime | None:
     if runtime is None and create:
         runtime = ErasureRuntime(pipe.unet)
         setattr(pipe.unet, RUNTIME_ATTRIBUTE, runtime)
+        # one UNet-level override, so pipe.save_pretrained and pipe.unet.save_pretrained both say
+        # what they save; a bound method, so copy.deepcopy binds the copy's to the copied UNet
+        pipe.unet.save_pretrained = types.MethodType(_save_pretrained_noting_erasure, pipe.unet)
     return runtime
+
+
+def _remove_runtime(unet: Any) -> None:
+    runtime = getattr(unet, RUNTIME_ATTRIBUTE, None)
+    if runtime is not None:
+        runtime.remove()
+        delattr(unet, RUNTIME_ATTRIBUTE)
+    if getattr(vars(unet).get("save_pretrained"), "__func__", None) is _save_pretrained_noting_erasure:
+        del unet.save_pretrained
 
 
 class SepMEWarning(UserWarning):
     """Something works but without the guarantee the user may expect (e.g. approximate separation)."""
+
+
+@functools.wraps(ModelMixin.save_pretrained)
+def _save_pretrained_noting_erasure(self: Any, *args: Any, **kwargs: Any) -> Any:
+    """`ModelMixin.save_pretrained`, warning when the saved weights are not what the pipeline generates with.
+
+    Erasers apply at run time, so active ones are not in the saved weights; after `fuse_sepme` they are.
+    """
+    runtime = getattr(self, RUNTIME_ATTRIBUTE, None)
+    if runtime is not None and runtime.active:
+        if runtime.fused:
+            warnings.warn(
+                f"save_pretrained is saving weights with the erasure of {runtime.active} fused in (fuse_sepme): "
+                f"the saved model has these concepts erased and is no longer the base model (erasers trained on "
+                f"the base will need allow_base_mismatch=True to load onto it); call pipe.unfuse_sepme() first "
+                f"to save the original weights", SepMEWarning, stacklevel=2)
+        else:
+            warnings.warn(
+                f"save_pretrained is saving the original weights: the erasure of {runtime.active} is applied at "
+                f"run time and is not saved, so the saved model generates these concepts; keep the eraser files "
+                f"beside it (load_sepme after from_pretrained), or call pipe.fuse_sepme() first to save a model "
+                f"with the concepts erased", SepMEWarning, stacklevel=2)
+    return type(self).save_pretrained(self, *args, **kwargs)
 
 
 class SepMELoaderMixin:
@@ -117,7 +153,9 @@ class SepMELoaderMixin:
             **hub_kwargs: `revision`, `cache_dir`, `token`, `local_files_only` for Hub downloads.
 
         Returns:
-            The adapter name, or a list of names when a folder / repo held several erasers.
+            The adapter name when `source` is a file, an `Eraser` or `weight_name` picks one file; a list
+            of names when `source` is a folder or a Hub repo without `weight_name`, even if it holds a
+            single eraser (so `pipe.load_sepme(folder)` always returns a list).
 
         Example:
             >>> pipe = sepme_adapter.attach(StableDiffusionPipeline.from_pretrained(MODEL))
@@ -225,11 +263,12 @@ class SepMELoaderMixin:
         }
 
     def unload_sepme(self, names: Iterable[str] | None = None) -> None:
-        """Remove erasers (default: all). With none left, the original processors are back exactly."""
+        """Remove erasers (default: all). With none left, the UNet carries no trace of SepME (no hooks)."""
         runtime = self._sepme()
         if runtime is None:
             if names:
                 raise KeyError(f"no eraser named {list(names)} is loaded; loaded: []")
+            _remove_runtime(self.unet)  # a left-over save_pretrained override, if any
             return
         if runtime.fused:
             raise SepMEStateError("erasers are fused into the weights; call pipe.unfuse_sepme() before unloading")
@@ -242,8 +281,7 @@ class SepMELoaderMixin:
         for name in names:
             runtime.discard(name)
         if not runtime.erasers:
-            runtime.remove()
-            delattr(self.unet, RUNTIME_ATTRIBUTE)
+            _remove_runtime(self.unet)
 
     @torch.no_grad()
     def fuse_sepme(self) -> None:
@@ -275,19 +313,25 @@ class SepMELoaderMixin:
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
         runtime.fused_originals = originals
         runtime.fused_checksums = {p: _checksum(layer_weight(self.unet, p)) for p in totals}
+        runtime.fused_names = list(runtime.active)
         runtime.fused = True
 
     def _refuse_fused_projections(self, runtime: ErasureRuntime, action: str) -> None:
         """`fuse_qkv_projections()` copies to_k / to_v into `to_kv`, which would not follow the fused weights."""
-        processors = [getattr(m.processor, "inner", m.processor) for m in runtime.attention.values()]
-        if any(type(p).__name__.startswith("Fused") for p in processors):
+        if any(type(m.processor).__name__.startswith("Fused") for m in runtime.attention.values()):
             raise SepMEStateError(f"{action} cannot run while attention projections are fused; call "
                                   f"pipe.unfuse_qkv_projections() first (fuse_qkv_projections only after fuse_sepme "
                                   f"keeps the erasure, but then unfuse them before unfuse_sepme)")
 
     @torch.no_grad()
     def unfuse_sepme(self) -> None:
-        """Restore the exact weights saved by `fuse_sepme`; erasers apply at run time again."""
+        """Take the fused increments out of the weights again; erasers apply at run time again.
+
+        Layers unchanged since `fuse_sepme` get back the exact copy it saved. Layers changed in between
+        (e.g. `fuse_lora` / `unfuse_lora` after `fuse_sepme`, or `fuse_lora -> fuse_sepme -> unfuse_lora`)
+        get the fused increments subtracted instead, with a `SepMEWarning`: that keeps the other change
+        and is exact up to float round-off when the change was additive, as LoRA fusing is.
+        """
         runtime = self._sepme()
         if runtime is None or not runtime.fused:
             raise SepMEStateError("nothing is fused; call pipe.fuse_sepme() first")
@@ -295,13 +339,23 @@ class SepMELoaderMixin:
         changed = [p for p, checksum in runtime.fused_checksums.items()
                    if _checksum(layer_weight(self.unet, p)) != checksum]
         if changed:
-            raise SepMEStateError(
-                f"{len(changed)} fused layers changed since fuse_sepme (e.g. {changed[0]}), e.g. by fuse_lora; "
-                f"undo those changes first (unfuse in the reverse order of fusing), so unfusing restores "
-                f"exactly the original weights")
+            warnings.warn(
+                f"{len(changed)} fused layers changed since fuse_sepme (e.g. {changed[0]}, by fuse_lora / "
+                f"unfuse_lora?), so unfuse_sepme subtracted the increments of {runtime.fused_names} from them "
+                f"instead of restoring its saved copy: exact up to float round-off if the change in between "
+                f"was additive (LoRA fusing is); unfuse in the reverse order of fusing for bit-exact weights",
+                SepMEWarning, stacklevel=3)
         for layer_path, original in runtime.fused_originals.items():
-            layer_weight(self.unet, layer_path).copy_(original)
+            weight = layer_weight(self.unet, layer_path)
+            if layer_path not in changed:
+                weight.copy_(original)
+                continue
+            delta = sum(runtime.erasers[n].delta(layer_path) for n in runtime.fused_names
+                        if layer_path in runtime.erasers[n].weights)
+            weight.copy_((weight.float() - delta.to(weight.device)).to(weight.dtype))
         runtime.fused_originals = {}
+        runtime.fused_checksums = {}
+        runtime.fused_names = []
         runtime.fused = False
 
 

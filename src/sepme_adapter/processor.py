@@ -1,22 +1,27 @@
-"""The attention processor that applies active erasers at run time (paper Eq. 10-11).
+"""Run-time erasure (paper Eq. 10-11): the active erasers add `beta * (c @ S_p) @ w.T` to the projections.
 
-Every `attn2` gets a `SepMEAttnProcessor` that wraps whatever processor was installed
-(default, sliced, xFormers, fused-projection, IP-Adapter, ...). When concepts are erased it
-hands the wrapped processor a view of the attention module whose `to_k` / `to_v` return
-`W x + sum_i beta_i * (x @ S_p,i) @ w_i.T`, so attention itself is never reimplemented and
-PEFT LoRA layers on `to_k` / `to_v` keep working. `x @ S_p,i` is computed once per concept per
-UNet call (every `attn2` reads the same text embeddings) and reused by every layer.
+The increments are applied where the paper puts them, on the projections themselves: the
+`nn.Linear` of every `attn2.to_k` / `attn2.to_v` (under any PEFT LoRA wrapper, so a user's LoRA
+keeps working on top) carries a forward hook that adds the active erasers' increments to its
+output. So does the fused `to_kv` that `fuse_qkv_projections()` creates (both increments), and
+`to_q` / `to_out.0` when a dense eraser changes them.
 
-All state lives in one `ErasureRuntime` per UNet, a plain object: nothing leaks into
-`unet.state_dict()` or `save_pretrained`.
+Attention processors are never replaced or wrapped: whatever diffusers installs (default, sliced,
+xFormers, fused, IP-Adapter) is diffusers' own object, so `unet.attn_processors`,
+`set_ip_adapter_scale`, `unload_ip_adapter`, `set_default_attn_processor`, attention slicing and
+`unet.state_dict()` behave exactly as without erasers, and the erasure survives every processor
+change. With nothing erased (or the increments fused into the weights) the hooks return None:
+outputs are bit-identical to a model that never loaded an eraser.
+
+All state lives in one `ErasureRuntime` per UNet (`unet._sepme_runtime`): the loaded erasers, the
+active plan (snapshotted per UNet call and thread), the per-call `c @ S_p` cache and each layer's
+increment, reused across denoising steps while the same text tensor comes back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,51 +31,119 @@ from torch import nn
 
 from .eraser import Eraser
 from .errors import ErasureNotAppliedError
-from .unet import cross_attention_modules
+from .unet import base_linear, cross_attention_modules
 
 # A plan says which erasers apply to which batch rows: (adapter name, row indices or None = all).
 Plan = tuple[tuple[str, "torch.Tensor | None"], ...]
 
+KEY_VALUE_PROJECTIONS = ("to_k", "to_v")  # always hooked: every eraser changes them
+DENSE_ONLY_PROJECTIONS = ("to_q", "to_out.0")  # hooked while a loaded dense eraser changes them
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces: no thread-local state, caches or checks, just the increments."""
+    return torch.compiler.is_compiling()
+
+
+def _same_input(cached: torch.Tensor, x: torch.Tensor) -> bool:
+    """`x` is the cached tensor, or a view of the same memory with the same layout.
+
+    IP-Adapter processors slice the text part off `encoder_hidden_states` at every call; the cached
+    tensor is held alive, so no other tensor can occupy its memory meanwhile.
+    """
+    if cached is x:
+        return True
+    return (x.numel() > 0 and cached.data_ptr() == x.data_ptr() and cached.shape == x.shape
+            and cached.stride() == x.stride() and cached.dtype == x.dtype and cached.device == x.device)
+
+
+class ProjectionIncrement:
+    """The forward hook on one projection's `nn.Linear`: its output plus the active increments.
+
+    `layers` names the eraser layer(s) the output holds: one (`<attn2>.to_k`), or `to_k` and `to_v`
+    for a fused `to_kv` whose output is `[keys, values]`.
+    """
+
+    def __init__(self, runtime: ErasureRuntime, attention_path: str, layers: tuple[str, ...]) -> None:
+        self.runtime = runtime
+        self.attention_path = attention_path
+        self.layers = layers
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
+        return self.runtime.add_increments(self, args[0], output)
+
+    def __repr__(self) -> str:
+        return f"ProjectionIncrement({', '.join(self.layers)})"
+
+
+# The name of the public run-time piece before erasers moved from wrapped processors to the
+# projections (0.1); kept so existing imports work.
+SepMEAttnProcessor = ProjectionIncrement
+
 
 class ErasureRuntime:
-    """Loaded erasers of one UNet, which of them are active, and the per-call projection cache."""
+    """Loaded erasers of one UNet, which of them are active, the hooks that apply them and their caches.
 
-    def __init__(self, unet: nn.Module, on_replaced: str = "reinstall") -> None:
+    Copying a UNet (`copy.deepcopy`) copies its runtime with it: the copy's erasers, plan and hooks
+    are its own (caches start empty), so toggling one never changes the other.
+    """
+
+    def __init__(self, unet: nn.Module) -> None:
         self.unet = unet
         self.attention = cross_attention_modules(unet)
         self.erasers: dict[str, Eraser] = {}
         self.trainable: set[str] = set()
         self.plan: Plan = ()
         self.fused = False
-        self.on_replaced = on_replaced  # "reinstall" (warn) or "raise"
-        # fuse_sepme: the original weights of the fused layers, and checksums of the fused ones
+        # fuse_sepme: the original weights of the fused layers, checksums of the fused ones, and
+        # the names fused (their increments are subtracted if the layers changed meanwhile)
         self.fused_originals: dict[str, torch.Tensor] = {}
         self.fused_checksums: dict[str, tuple[float, float]] = {}
+        self.fused_names: list[str] = []
         self.base_fingerprint: dict[str, Any] | None = None  # of the original weights, computed once
-        self._cast_cache: dict[tuple[str, str, torch.device, torch.dtype], torch.Tensor] = {}
-        # A pipeline passes the same text tensor to every denoising step, so each layer's increment
-        # is the same at every step: layer path -> (text tensor, its version, plan, increment).
-        self._increments: dict[str, tuple[torch.Tensor, int, Plan, torch.Tensor | None]] = {}
-        self._local = threading.local()
-        self._hooks = [
+        # hooked projection ("<attn2>.to_k", "<attn2>.to_kv", ...) -> (its nn.Linear, hook handle)
+        self._projection_hooks: dict[str, tuple[nn.Module, Any]] = {}
+        self._hooked_projections: tuple[str, ...] = KEY_VALUE_PROJECTIONS
+        self._module_hooks = [
             unet.register_forward_pre_hook(self._before_unet_call),
             unet.register_forward_hook(self._after_unet_call),
         ]
         for path, module in self.attention.items():
-            install_processor(module, SepMEAttnProcessor(module.processor, self, path))
+            self._module_hooks += [
+                module.register_forward_pre_hook(self._attention_entered(path)),
+                module.register_forward_hook(self._attention_left(path)),
+            ]
+        self._reset_caches()
+        self.sync_hooks()
+
+    def _reset_caches(self) -> None:
+        self._cast_cache: dict[tuple[str, str, torch.device, torch.dtype], torch.Tensor] = {}
+        # layer path -> (text tensor, its version, plan, increment): see `increment`
+        self._increments: dict[str, tuple[torch.Tensor, int, Plan, torch.Tensor | None]] = {}
+        self._needing: tuple[Plan, frozenset[str]] = ((), frozenset())
+        self._local = threading.local()  # this thread's plan snapshot and per-call caches
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry erasers, plan and hooks; caches and thread-local state start empty."""
+        state = dict(self.__dict__)
+        for key in ("_cast_cache", "_increments", "_needing", "_local"):
+            state.pop(key)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
 
     # ------------------------------------------------------------ lifecycle
     def remove(self) -> None:
-        """Put back exactly the processors that were wrapped and drop the hooks."""
-        for module in self.attention.values():
-            processor = module.processor
-            if isinstance(processor, SepMEAttnProcessor) and processor.runtime is self:
-                uninstall_processor(module, processor)
-        for handle in self._hooks:
+        """Drop every hook: the UNet is exactly as before the runtime existed."""
+        for _, handle in self._projection_hooks.values():
             handle.remove()
-        self._hooks = []
-        self._cast_cache.clear()
-        self._increments = {}
+        for handle in self._module_hooks:
+            handle.remove()
+        self._projection_hooks = {}
+        self._module_hooks = []
+        self._reset_caches()
 
     def add(self, adapter_name: str, eraser: Eraser, trainable: bool = False) -> None:
         """Register an eraser (inactive). `trainable` erasers are read live, so gradients reach `w`."""
@@ -78,17 +151,53 @@ class ErasureRuntime:
         if trainable:
             self.trainable.add(adapter_name)
         self._drop_cache(adapter_name)
+        self._hooked_projections = self._needed_projections()
+        self.sync_hooks()
 
     def discard(self, adapter_name: str) -> None:
         self.erasers.pop(adapter_name, None)
         self.trainable.discard(adapter_name)
         self.plan = tuple(entry for entry in self.plan if entry[0] != adapter_name)
         self._drop_cache(adapter_name)
+        self._hooked_projections = self._needed_projections()
+        self.sync_hooks()
 
     def _drop_cache(self, adapter_name: str) -> None:
         self._increments = {}
         for key in [k for k in self._cast_cache if k[0] == adapter_name]:
             del self._cast_cache[key]
+
+    def _needed_projections(self) -> tuple[str, ...]:
+        dense = {proj for proj in DENSE_ONLY_PROJECTIONS
+                 if any(layer.endswith("." + proj) for e in self.erasers.values() for layer in e.weights)}
+        return (*KEY_VALUE_PROJECTIONS, *sorted(dense))
+
+    def sync_hooks(self) -> None:
+        """Hook every projection an increment may need, and nothing else.
+
+        Runs when erasers change and before each UNet call with concepts erased, so a `to_kv` made by
+        `fuse_qkv_projections()` or a projection replaced by other code is picked up at the next call.
+        """
+        if not self._module_hooks:  # removed
+            return
+        wanted: dict[str, tuple[str, tuple[str, ...], nn.Module]] = {}
+        for path, attn in self.attention.items():
+            for proj in self._hooked_projections:
+                wanted[f"{path}.{proj}"] = (path, (f"{path}.{proj}",), attn.get_submodule(proj))
+            fused = getattr(attn, "to_kv", None)
+            if isinstance(fused, nn.Module):
+                wanted[f"{path}.to_kv"] = (path, (f"{path}.to_k", f"{path}.to_v"), fused)
+        for key in [k for k in self._projection_hooks if k not in wanted]:
+            self._projection_hooks.pop(key)[1].remove()
+        for key, (path, layers, module) in wanted.items():
+            linear = base_linear(module)
+            current = self._projection_hooks.get(key)
+            if current is not None and current[0] is linear:
+                continue
+            if current is not None:
+                current[1].remove()
+            handle = linear.register_forward_hook(ProjectionIncrement(self, path, layers))
+            self._projection_hooks[key] = (linear, handle)
 
     # --------------------------------------------------------------- plans
     @property
@@ -116,38 +225,84 @@ class ErasureRuntime:
             self.plan = previous
 
     def current_plan(self) -> Plan:
-        """The plan snapshotted when this thread's UNet call began (so one call never mixes plans)."""
+        """The plan snapshotted when this thread's UNet call began (so one call never mixes plans).
+
+        Under torch.compile the plan is read (and guarded) when the compiled UNet is entered.
+        """
+        if _compiling():
+            return self.plan
         snapshot = getattr(self._local, "plan", None)
         return self.plan if snapshot is None else snapshot
 
     # --------------------------------------------------------------- hooks
     def _before_unet_call(self, module: nn.Module, args: Any) -> None:
-        self._local.plan = self.plan
-        self._local.projections = {}
+        if _compiling():
+            return
+        local = self._local
+        local.plan = self.plan
+        local.projections = {}
+        local.applied = set()
         if self.plan and not self.fused:
-            self.verify_processors()
+            self.sync_hooks()
 
     def _after_unet_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if _compiling():
+            return
         self._local.plan = None
         self._local.projections = {}
 
-    def verify_processors(self) -> None:
-        """Check every `attn2` still runs through this runtime; re-wrap or raise if diffusers replaced it.
+    def _attention_entered(self, path: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if not _compiling():
+                applied = getattr(self._local, "applied", None)
+                if applied is not None:
+                    applied.discard(path)
+        return hook
 
-        `enable_attention_slicing()`, xFormers enablement, `fuse_qkv_projections()`,
-        `set_attn_processor()` and IP-Adapter loading all install new processors silently.
-        """
-        for path, module in self.attention.items():
-            processor = module.processor
-            if isinstance(processor, SepMEAttnProcessor) and processor.runtime is self:
-                continue
-            message = (f"the attention processor of {path} was replaced by {type(processor).__name__} "
-                       f"while concepts {self.active} are erased")
-            if self.on_replaced == "raise":
-                raise ErasureNotAppliedError(message + "; call pipe.load_sepme / set_erased again after "
-                                             "changing attention processors")
-            warnings.warn(message + "; SepME re-installed its processor around the new one", stacklevel=4)
-            install_processor(module, SepMEAttnProcessor(processor, self, path))
+    def _attention_left(self, path: str) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if _compiling() or self.fused:
+                return
+            plan = self.current_plan()
+            if not plan or path not in self._attention_needing(plan):
+                return
+            if path not in getattr(self._local, "applied", {path}):
+                raise ErasureNotAppliedError(
+                    f"{type(module.processor).__name__} at {path} computed attention without calling "
+                    f"attn.to_k / attn.to_v (or attn.to_kv), so the erasure of {[n for n, _ in plan]} could "
+                    f"not be applied; install a diffusers attention processor, e.g. "
+                    f"pipe.unet.set_default_attn_processor()"
+                )
+        return hook
+
+    def _attention_needing(self, plan: Plan) -> frozenset[str]:
+        """The `attn2` paths whose keys or values the plan's erasers change."""
+        if self._needing[0] is not plan:
+            layers = {layer for name, _ in plan for layer in self.erasers[name].weights}
+            needing = frozenset(path for path in self.attention
+                                if f"{path}.to_k" in layers or f"{path}.to_v" in layers)
+            self._needing = (plan, needing)
+        return self._needing[1]
+
+    def add_increments(self, hook: ProjectionIncrement, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        """The hooked projection's output plus the active increments (None: unchanged)."""
+        if self.fused:
+            return None
+        plan = self.current_plan()
+        if not plan:
+            return None
+        if not _compiling():
+            applied = getattr(self._local, "applied", None)
+            if applied is not None:
+                applied.add(hook.attention_path)
+        deltas = [self.increment(x, layer, plan) for layer in hook.layers]
+        if len(deltas) == 1:
+            return None if deltas[0] is None else output + deltas[0].to(output.dtype)
+        if all(d is None for d in deltas):
+            return None
+        half = output.shape[-1] // 2  # fused `to_kv`: [keys, values]
+        parts = [torch.zeros_like(output[..., :half]) if d is None else d.to(output.dtype) for d in deltas]
+        return output + torch.cat(parts, dim=-1)
 
     # ---------------------------------------------------------------- math
     def layer_weight(self, name: str, layer_path: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -158,6 +313,8 @@ class ErasureRuntime:
             return None
         if name in self.trainable:
             return (eraser.beta * w).to(like.dtype)
+        if _compiling():
+            return (eraser.beta * w.detach().float()).to(device=like.device, dtype=like.dtype)
         key = (name, layer_path, like.device, like.dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
@@ -167,6 +324,8 @@ class ErasureRuntime:
 
     def basis(self, name: str, like: torch.Tensor) -> torch.Tensor:
         eraser = self.erasers[name]
+        if _compiling():
+            return eraser.basis.detach().to(device=like.device, dtype=like.dtype)
         key = (name, "basis", like.device, like.dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
@@ -180,28 +339,32 @@ class ErasureRuntime:
             rows = rows.to(x.device)
         if self.erasers[name].basis is None:  # dense increment: the layer's own input
             return x if rows is None else x.index_select(0, rows)
+        selected = x if rows is None else x.index_select(0, rows)
+        if _compiling():
+            return selected @ self.basis(name, x)
         cache = getattr(self._local, "projections", None)
         if cache is None:
             cache = self._local.projections = {}
         hit = cache.get(name)
-        if hit is not None and hit[0] is x:
-            return hit[1]
-        selected = x if rows is None else x.index_select(0, rows)
+        if hit is not None and _same_input(hit[0], x) and hit[1] == x._version:
+            return hit[2]
         projected = selected @ self.basis(name, x)
-        cache[name] = (x, projected)  # holding x keeps its id from being reused during the call
+        cache[name] = (x, x._version, projected)  # holding x keeps its memory from being reused
         return projected
 
-    def increment(self, x: torch.Tensor, layer_path: str) -> torch.Tensor | None:
+    def increment(self, x: torch.Tensor, layer_path: str, plan: Plan | None = None) -> torch.Tensor | None:
         """`sum_i beta_i * (x @ S_p,i) @ w_i.T` over the active erasers that touch this layer (Eq. 11).
 
         Without gradients, the result is reused while the same, unmodified text tensor comes back
         under the same plan (every denoising step of one generation).
         """
-        plan = self.current_plan()
+        plan = self.current_plan() if plan is None else plan
+        if _compiling():
+            return self._compute_increment(x, layer_path, plan)
         reuse = not torch.is_grad_enabled() and not self.trainable and not x.is_inference()
         if reuse:
             hit = self._increments.get(layer_path)
-            if hit is not None and hit[0] is x and hit[1] == x._version and hit[2] is plan:
+            if hit is not None and hit[2] is plan and hit[1] == x._version and _same_input(hit[0], x):
                 return hit[3]
         total = self._compute_increment(x, layer_path, plan)
         if reuse:
@@ -221,130 +384,3 @@ class ErasureRuntime:
                 )
             total = delta if total is None else total + delta
         return total
-
-    def touches(self, layer_path: str) -> bool:
-        return any(layer_path in self.erasers[name].weights for name, _ in self.current_plan())
-
-
-WRAPPED_MODULE_KEY = "processor_wrapped_by_sepme"
-
-
-def install_processor(module: nn.Module, wrapper: SepMEAttnProcessor) -> None:
-    """Install a wrapper; a wrapped processor that is an `nn.Module` (IP-Adapter) stays registered.
-
-    `Attention.set_processor` drops a module processor from the module tree when a plain object
-    replaces it, which would take its weights out of `.to(device)`; we keep it registered under
-    `WRAPPED_MODULE_KEY` while wrapped (its state-dict keys carry that name until unload).
-    """
-    module._modules.pop(WRAPPED_MODULE_KEY, None)
-    inner = wrapper.inner
-    module.set_processor(wrapper)
-    if isinstance(inner, nn.Module):
-        module._modules[WRAPPED_MODULE_KEY] = inner
-
-
-def uninstall_processor(module: nn.Module, wrapper: SepMEAttnProcessor) -> None:
-    """Put the wrapped processor back exactly as it was."""
-    module._modules.pop(WRAPPED_MODULE_KEY, None)
-    module.set_processor(wrapper.inner)
-
-
-class _ErasingAttention:
-    """A view of an `Attention` module whose projections add the active increments.
-
-    Everything not overridden is read from the real module, so any processor that calls
-    `attn.to_k(...)`, `attn.to_v(...)` or the fused `attn.to_kv(...)` applies the erasure.
-    """
-
-    def __init__(self, attn: nn.Module, runtime: ErasureRuntime, path: str) -> None:
-        self.__dict__.update(_attn=attn, _runtime=runtime, _path=path, _used=set())
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._attn, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._attn, name, value)
-
-    def _project(self, proj: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        self._used.add(proj)
-        out = module(x)
-        delta = self._runtime.increment(x, f"{self._path}.{proj}")
-        return out if delta is None else out + delta
-
-    def to_k(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project("to_k", self._attn.to_k, x)
-
-    def to_v(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project("to_v", self._attn.to_v, x)
-
-    def to_q(self, x: torch.Tensor) -> torch.Tensor:
-        return self._project("to_q", self._attn.to_q, x)
-
-    def to_kv(self, x: torch.Tensor) -> torch.Tensor:
-        """Fused key/value projection (`fuse_qkv_projections()`): add `[delta_k, delta_v]`."""
-        self._used.update(("to_k", "to_v"))
-        out = self._attn.to_kv(x)
-        deltas = [self._runtime.increment(x, f"{self._path}.{proj}") for proj in ("to_k", "to_v")]
-        if all(d is None for d in deltas):
-            return out
-        half = out.shape[-1] // 2
-        parts = [torch.zeros_like(out[..., :half]) if d is None else d for d in deltas]
-        return out + torch.cat(parts, dim=-1)
-
-    @property
-    def to_out(self) -> Any:
-        if not self._runtime.touches(f"{self._path}.to_out.0"):
-            return self._attn.to_out
-        view = self
-
-        class _Out:
-            def __getitem__(self, index: int) -> Any:
-                if index == 0:
-                    return lambda x: view._project("to_out.0", view._attn.to_out[0], x)
-                return view._attn.to_out[index]
-
-            def __len__(self) -> int:
-                return len(view._attn.to_out)
-
-        return _Out()
-
-
-class SepMEAttnProcessor:
-    """Wraps an `attn2` processor and adds the active erasers' increments to its projections.
-
-    With nothing erased (or the increments fused into the weights) it calls the wrapped
-    processor with the real module: outputs are bit-identical to the original model.
-    """
-
-    def __init__(self, inner: Any, runtime: ErasureRuntime, path: str) -> None:
-        self.inner = inner
-        self.runtime = runtime
-        self.path = path
-
-        # diffusers filters `cross_attention_kwargs` by the processor's signature: expose the inner one.
-        def signature_carrier(*args: Any, **kwargs: Any) -> Any:
-            return self(*args, **kwargs)
-
-        signature_carrier.__signature__ = inspect.signature(inner.__call__)
-        self.__dict__["__call__"] = signature_carrier
-
-    def __call__(self, attn: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        runtime = self.runtime
-        if runtime.fused or not runtime.current_plan():
-            return self.inner(attn, *args, **kwargs)
-        needed = {p for p in ("to_k", "to_v", "to_q", "to_out.0") if runtime.touches(f"{self.path}.{p}")}
-        if not needed:
-            return self.inner(attn, *args, **kwargs)
-        view = _ErasingAttention(attn, runtime, self.path)
-        output = self.inner(view, *args, **kwargs)
-        missing = needed - view._used - {"to_out.0"}
-        if missing:
-            raise ErasureNotAppliedError(
-                f"{type(self.inner).__name__} at {self.path} computed attention without calling "
-                f"attn.{'/'.join(sorted(missing))}, so the erasure could not be applied; use a diffusers "
-                f"attention processor (pipe.unet.set_default_attn_processor() before load_sepme)"
-            )
-        return output
-
-    def __repr__(self) -> str:
-        return f"SepMEAttnProcessor(inner={type(self.inner).__name__}, path={self.path!r})"
