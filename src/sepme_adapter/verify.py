@@ -2,8 +2,9 @@
 
 For each eraser and each modified layer it reports the leakage of the blank, known and protected
 prompts (`||c @ dW^T|| / ||c_i @ dW^T||`, should be ~0: Eq. 7's exact conditions) and the increment
-norm, and the relative change of the concept's own keys / values (should be clearly > 0). With
-`--fused-model`, it also checks that a saved model equals base + the increments.
+norm, and the relative change of the concept's own keys / values, which must reach `MIN_EFFECT`
+(0.1% of their size) or the eraser fails as inert. With `--fused-model`, it also checks that a saved
+model equals base + the increments.
 """
 
 from __future__ import annotations
@@ -17,19 +18,38 @@ from .text import encode_prompts
 from .unet import base_linear
 
 LEAK_TOLERANCE = 1e-4  # relative to the increment's effect on the concept's own prompt
-MIN_EFFECT = 1e-6  # relative change of the concept's keys / values below which an eraser "does nothing"
+# Below this relative change of the concept's keys / values an eraser "does nothing": half-precision
+# inference alone rounds keys and values by up to 2^-11 ~ 4.9e-4 relative, so a smaller increment cannot
+# be told apart from round-off. Measured on the demo world: erasers that erase (ACC 0.90-1.00 -> 0.00)
+# change their concept's keys / values by 0.13-0.16, erasers trained with the paper's SD settings
+# (beta 1e-4, lambda 3e-5), which leave the tiny model's concepts intact, by 1.0e-6.
+MIN_EFFECT = 1e-3
 
 
-def verify_eraser(pipe: Any, eraser: Eraser) -> dict[str, Any]:
-    """Per-layer leakage and effect of one eraser on the pipeline's base weights."""
-    prompts = {"blank": [""], "known": [p for ps in eraser.known.values() for p in ps], "protected": list(eraser.protected)}
-    texts = encode_prompts(pipe, [eraser.prompt, *(p for group in prompts.values() for p in group)]).double()
-    concept, rest = texts[0], texts[1:]
+def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT) -> dict[str, Any]:
+    """Per-layer leakage and effect of one eraser on the pipeline's base weights.
+
+    The effect is judged relative to the model's own scale: `concept_change` is
+    `sqrt(sum_l ||c dW_l^T||^2 / sum_l ||c W_l^T||^2)` over every text-reading layer `l`
+    (`to_k` / `to_v`) and the concept's prompts `c`, counting only the token rows that differ from
+    the blank prompt's (the start token's row is the same for every prompt and no increment may
+    change it). An eraser with `concept_change < min_effect` fails: it does nothing measurable.
+    """
+    concept_prompts = list(eraser.prompts or [eraser.prompt])
+    prompts = {"blank": [""], "known": [p for ps in eraser.known.values() for p in ps],
+               "protected": list(eraser.protected)}
+    texts = encode_prompts(pipe, [*concept_prompts, *(p for group in prompts.values() for p in group)]).double()
+    concepts, rest = texts[: len(concept_prompts)], texts[len(concept_prompts):]
     groups, start = {}, 0
     for group, items in prompts.items():
         groups[group] = rest[start : start + len(items)]
         start += len(items)
-    layers, worst_leak, weakest = {}, 0.0, float("inf")
+    blank = groups["blank"][0]
+    # the concept's token rows that differ from the blank prompt's (text width d_in per row)
+    differing = (concepts - blank).norm(dim=-1) > 1e-6 * blank.norm(dim=-1).clamp_min(1e-30)
+    concept = concepts[differing]
+    layers, worst_leak = {}, 0.0
+    change_sq, original_sq = 0.0, 0.0
     for layer in eraser.weights:
         delta = eraser.delta(layer).double()
         weight = base_linear(pipe.unet.get_submodule(layer)).weight.detach().double().cpu()
@@ -38,6 +58,7 @@ def verify_eraser(pipe: Any, eraser: Eraser) -> dict[str, Any]:
             continue
         effect = float((concept @ delta.T).norm())
         original = float((concept @ weight.T).norm())
+        change_sq, original_sq = change_sq + effect**2, original_sq + original**2
         entry = {"increment_norm": float(delta.norm()), "concept_change": effect / max(original, 1e-30)}
         for group, rows in groups.items():
             if len(rows):
@@ -46,14 +67,15 @@ def verify_eraser(pipe: Any, eraser: Eraser) -> dict[str, Any]:
                 if eraser.separable:
                     worst_leak = max(worst_leak, leak)
         layers[layer] = entry
-        weakest = min(weakest, entry["concept_change"])
-    acts = any(e.get("concept_change", 0.0) > MIN_EFFECT for e in layers.values())
+    concept_change = (change_sq / original_sq) ** 0.5 if original_sq > 0 else 0.0
     problems = []
-    if not acts:
-        problems.append("the increment does not change its concept's keys or values: the eraser does nothing")
+    if concept_change < min_effect:
+        problems.append(f"the increment changes its concept's keys and values by {concept_change:.1e} of their "
+                        f"size (< {min_effect:.0e}, below half-precision round-off): the eraser does nothing")
     if eraser.separable and worst_leak > LEAK_TOLERANCE:
         problems.append(f"blank / known / protected prompts leak {worst_leak:.2e} > {LEAK_TOLERANCE:.0e}")
     return {"name": eraser.name, "separable": eraser.separable, "worst_leak": worst_leak,
+            "concept_change": concept_change, "min_effect": min_effect,
             "largest_concept_change": max((e.get("concept_change", 0.0) for e in layers.values()), default=0.0),
             "ok": not problems, "problems": problems, "layers": layers}
 
