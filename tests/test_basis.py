@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from sepme_adapter import EmptyNullSpaceError, null_space_basis
+from sepme_adapter.basis import DEFAULT_MAX_LEAKAGE, choose_basis, compact_basis
 
 
 def test_basis_is_orthonormal_and_annihilates_every_stacked_prompt():
@@ -50,3 +51,45 @@ def test_bad_arguments_are_refused():
         null_space_basis([])
     with pytest.raises(ValueError, match="same width"):
         null_space_basis([torch.randn(2, 8), torch.randn(2, 9)])
+
+
+# ------------------------------------------------------------------ the compact basis
+def anisotropic_prompts(count: int, rows: int = 8, width: int = 64, seed: int = 5) -> list[torch.Tensor]:
+    """Prompt embeddings whose energy decays over directions, as text encoders' do."""
+    generator = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=generator) * torch.logspace(0, -3, width).unsqueeze(1)
+    return [torch.randn(rows, width, generator=generator) @ mix for _ in range(count)]
+
+
+def test_the_compact_basis_keeps_every_known_prompt_within_its_returned_bound():
+    prompts = anisotropic_prompts(10)  # 80 rows in 64 dimensions: no exact null space
+    with pytest.raises(EmptyNullSpaceError):
+        null_space_basis(prompts)
+    basis, bound = compact_basis(prompts, max_leakage=1e-2)
+    assert basis.shape[1] > 0 and bound <= 1e-2
+    gram = basis.double().T @ basis.double()
+    assert torch.allclose(gram, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-6)
+    shares = [float((p.double() @ basis.double()).norm() / p.double().norm()) for p in prompts]
+    assert max(shares) <= bound * (1 + 1e-6)
+    assert max(shares) == pytest.approx(bound, rel=1e-4)  # the bound is the measured maximum, not a guess
+    smaller, tighter = compact_basis(prompts, max_leakage=1e-3)
+    assert smaller.shape[1] < basis.shape[1] and tighter <= 1e-3  # capacity traded for leakage
+
+
+def test_the_compact_basis_contains_the_exact_null_space():
+    prompts = anisotropic_prompts(3)  # 24 rows in 64 dimensions
+    exact = null_space_basis(prompts).double()
+    compact, _ = compact_basis(prompts, max_leakage=1e-3)
+    projector = compact.double() @ compact.double().T
+    assert torch.allclose(projector @ exact, exact, atol=1e-6)
+
+
+def test_choose_basis_uses_the_exact_space_while_it_has_room_then_the_compact_one():
+    few, many = anisotropic_prompts(2), anisotropic_prompts(10)
+    choice = choose_basis(few)
+    assert choice.kind == "exact" and choice.bound == 0.0
+    choice = choose_basis(many)
+    assert choice.kind == "compact" and 0 < choice.bound <= DEFAULT_MAX_LEAKAGE
+    assert choose_basis(many, max_leakage=1e-2).basis.shape[1] > choice.basis.shape[1]
+    with pytest.raises(EmptyNullSpaceError):
+        choose_basis(many, max_leakage=0)  # exact only

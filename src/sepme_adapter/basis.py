@@ -93,10 +93,10 @@ def compact_basis(embeddings: torch.Tensor | Sequence[torch.Tensor], max_leakage
                   ) -> tuple[torch.Tensor, float]:
     """The largest basis in which every known prompt keeps at most `max_leakage` of its norm (relaxed Eq. 8).
 
-    Each prompt's rows are scaled to unit Frobenius norm and stacked into `M`; with `M = U diag(s) V^T`,
-    `S_p` is the trailing columns of `V` whose squared singular values sum to at most `max_leakage^2`.
-    Then `||c S_p||_F / ||c||_F <= ||M S_p||_F = sqrt(sum of those s^2)` for every prompt `c`: the
-    returned bound (0 within round-off for the exact null space, which is always included).
+    Each prompt's rows are scaled to unit Frobenius norm and stacked into `M = U diag(s) V^T`; `S_p` is the
+    trailing columns of `V` (the directions the prompts use least), as many as keep
+    `max_c ||c S_p||_F / ||c||_F <= max_leakage` over the prompts. Returns the basis and that maximum,
+    computed directly (so a guaranteed bound; 0 within round-off for the exact null space, always included).
 
     Example:
         >>> basis, bound = compact_basis(known_embeddings, max_leakage=1e-3)  # bound <= 1e-3
@@ -106,17 +106,16 @@ def compact_basis(embeddings: torch.Tensor | Sequence[torch.Tensor], max_leakage
     prompts = per_prompt_rows(embeddings)
     matrix = torch.cat([p / p.norm().clamp_min(1e-300) for p in prompts])
     width = matrix.shape[1]
-    _, singular, vh = torch.linalg.svd(matrix, full_matrices=True)
-    energy = torch.zeros(width, dtype=torch.float64)
-    energy[: singular.numel()] = singular**2
-    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[j] = energy of directions j..end
-    start = int((tail > max_leakage**2).sum())  # the first direction whose tail fits
+    _, _, vh = torch.linalg.svd(matrix, full_matrices=True)
+    # energy[p, j]: prompt p's share of its (unit) norm along direction j; tails summed from the end
+    energy = torch.stack([((p / p.norm().clamp_min(1e-300)) @ vh.T).pow(2).sum(0) for p in prompts])
+    tails = torch.flip(torch.cumsum(torch.flip(energy, [1]), 1), [1]).max(0).values
+    start = int((tails > max_leakage**2).nonzero().max()) + 1 if bool((tails > max_leakage**2).any()) else 0
     if start >= width:
         raise EmptyNullSpaceError(
             f"no direction of the {width}-wide text space keeps the {len(prompts)} known prompts below "
             f"max_leakage={max_leakage:g}; raise max_leakage or use fewer known / protected prompts")
-    bound = float(tail[start].sqrt())
-    return vh[start:].T.contiguous().to(torch.float32), bound
+    return vh[start:].T.contiguous().to(torch.float32), float(tails[start].sqrt())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""How many concepts fit: exact null-space bases vs the compact basis, on SD v1.5's text geometry.
+
+The text encoder is the random CLIP encoder of the tests at SD v1.5's shape (width 768, 77 tokens,
+`sepme_adapter.testing.tiny_pipeline(text_width=768, max_length=77)`); concept names are invented
+words, each concept given as 1 or 4 prompts (style templates). For N concepts, concept 0's basis
+excludes the blank prompt and every prompt of the other N - 1 (simultaneous mode). Reported per N:
+basis dimensions, the guaranteed energy bound of the compact basis, the concept's own reach
+(`||c_i S_p||_F / ||c_i||_F`: how much of its own prompts the increment can act on), and the measured
+leakage certificate of an increment of a given strength: a random `w` scaled so that the concept's
+keys change by `--effect` (default 10 %, relative Frobenius over all 77 tokens, most of which are
+padding shared with every prompt) on an SD-shaped `to_k` (768 -> 320, random weights), then
+`max ||c dW^T|| / ||c W^T||` over the excluded prompts.
+
+    .venv/bin/python benchmarks/capacity.py            # N up to 100, ~2 min on 1 core
+    .venv/bin/python benchmarks/capacity.py --quick    # a smoke run
+
+Last line: `RESULT exact_1=<N> exact_4=<N> compact_4_at_1e-2=<N> compact_4_at_1e-3=<N>`, the largest N
+(of those measured) at which concept 0 keeps a basis, at least half the reach it has when only the blank
+prompt is excluded, and a certificate within the level (exact: 1e-5).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sepme_adapter.basis import compact_basis, null_space_basis
+from sepme_adapter.certificate import relative_change
+from sepme_adapter.errors import EmptyNullSpaceError
+from sepme_adapter.testing import tiny_pipeline
+from sepme_adapter.text import encode_prompts
+
+TEMPLATES = ("a painting by {}", "in the style of {}", "{} style", "an artwork by {}")
+MIN_RELATIVE_REACH = 0.5
+
+
+def measure(texts: torch.Tensor, groups: list[slice], count: int, level: float | None, weight: torch.Tensor,
+            effect: float) -> dict[str, float]:
+    """Concept 0's basis among `count` concepts; `level=None` is the exact null space."""
+    own = texts[groups[0]]
+    excluded = torch.cat([texts[:1], *(texts[g] for g in groups[1:count])])
+    try:
+        if level is None:
+            basis, bound = null_space_basis(list(excluded)).double(), 0.0
+        else:
+            basis, bound = compact_basis(list(excluded), level)
+            basis = basis.double()
+    except EmptyNullSpaceError:
+        return {"dims": 0, "bound": float("nan"), "reach": 0.0, "certificate": float("nan")}
+    reach = float(torch.linalg.matrix_norm(own @ basis).norm() / torch.linalg.matrix_norm(own).norm())
+    generator = torch.Generator().manual_seed(count)
+    w = torch.randn(weight.shape[0], basis.shape[1], generator=generator, dtype=torch.float64)
+    delta = w @ basis.T
+    delta = effect * delta / float(relative_change(own, delta, weight).mean())
+    certificate = float(relative_change(excluded, delta, weight).max())
+    return {"dims": basis.shape[1], "bound": bound, "reach": reach, "certificate": certificate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N in (1, 2, 5, 10) only")
+    parser.add_argument("--effect", type=float, default=0.1, help="relative change of the concept's keys")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    counts = [1, 2, 5, 10] if args.quick else [1, 2, 5, 10, 20, 50, 100]
+    names = [f"artist{i}" for i in range(max(counts))]
+    pipe = tiny_pipeline(text_width=768, max_length=77, words=[*" ".join(TEMPLATES).replace("{}", "").split(), *names])
+    weight = torch.randn(320, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 768**0.5
+    best: dict[str, int] = {}
+    print(f"| prompts / concept | concepts | basis | dims | energy bound | reach | certificate at {args.effect:.0%} effect |")
+    print("|---|---|---|---|---|---|---|")
+    for per_concept in (1, 4):
+        prompts = [""] + [t.format(n) for n in names for t in TEMPLATES[:per_concept]]
+        texts = encode_prompts(pipe, prompts).double()
+        groups = [slice(1 + i * per_concept, 1 + (i + 1) * per_concept) for i in range(len(names))]
+        for level in (None, 1e-2, 1e-3):
+            label = "exact" if level is None else f"compact {level:g}"
+            alone = None
+            for count in counts:
+                r = measure(texts, groups, count, level, weight, args.effect)
+                alone = alone or r["reach"]
+                print(f"| {per_concept} | {count} | {label} | {r['dims']} | {r['bound']:.1e} | {r['reach']:.2f} | "
+                      f"{r['certificate']:.1e} |", flush=True)
+                limit = 1e-5 if level is None else level * 10  # the certificate level this basis is meant for
+                if r["dims"] and r["reach"] >= MIN_RELATIVE_REACH * alone and r["certificate"] <= limit:
+                    key = f"exact_{per_concept}" if level is None else f"compact_{per_concept}_at_{limit:g}"
+                    best[key] = max(best.get(key, 0), count)
+    keys = ["exact_1", "exact_4", "compact_4_at_0.1", "compact_4_at_0.01"]
+    print("RESULT " + " ".join(f"{k}={best.get(k, 0)}" for k in keys))
+
+
+if __name__ == "__main__":
+    main()
