@@ -76,6 +76,38 @@ class ProjectionIncrement:
         return f"ProjectionIncrement({', '.join(self.layers)})"
 
 
+class AppliedCheck:
+    """Hooks on one `attn2`: when it computed attention without its projections' hooks firing (a processor
+    that bypasses `attn.to_k` / `attn.to_v`) while concepts are erased, raise instead of dropping the erasure.
+
+    Objects with bound methods rather than closures, so `copy.deepcopy` rebinds them to the copy's runtime.
+    """
+
+    def __init__(self, runtime: ErasureRuntime, path: str) -> None:
+        self.runtime = runtime
+        self.path = path
+
+    def entered(self, module: nn.Module, args: Any) -> None:
+        applied = self.runtime.applied()
+        if applied is not None:
+            applied.discard(self.path)
+
+    def left(self, module: nn.Module, args: Any, output: Any) -> None:
+        runtime = self.runtime
+        if _compiling() or runtime.fused:
+            return
+        plan = runtime.current_plan()
+        if not plan or self.path not in runtime.attention_needing(plan):
+            return
+        applied = runtime.applied()
+        if applied is not None and self.path not in applied:
+            raise ErasureNotAppliedError(
+                f"{type(module.processor).__name__} at {self.path} computed attention without calling "
+                f"attn.to_k / attn.to_v (or attn.to_kv), so the erasure of {[n for n, _ in plan]} could not be "
+                f"applied; install a diffusers attention processor, e.g. pipe.unet.set_default_attn_processor()"
+            )
+
+
 # The name of the public run-time piece before erasers moved from wrapped processors to the
 # projections (0.1); kept so existing imports work.
 SepMEAttnProcessor = ProjectionIncrement
@@ -109,10 +141,9 @@ class ErasureRuntime:
             unet.register_forward_hook(self._after_unet_call),
         ]
         for path, module in self.attention.items():
-            self._module_hooks += [
-                module.register_forward_pre_hook(self._attention_entered(path)),
-                module.register_forward_hook(self._attention_left(path)),
-            ]
+            check = AppliedCheck(self, path)
+            self._module_hooks += [module.register_forward_pre_hook(check.entered),
+                                   module.register_forward_hook(check.left)]
         self._reset_caches()
         self.sync_hooks()
 
@@ -251,31 +282,11 @@ class ErasureRuntime:
         self._local.plan = None
         self._local.projections = {}
 
-    def _attention_entered(self, path: str) -> Any:
-        def hook(module: nn.Module, args: Any) -> None:
-            if not _compiling():
-                applied = getattr(self._local, "applied", None)
-                if applied is not None:
-                    applied.discard(path)
-        return hook
+    def applied(self) -> set[str] | None:
+        """The `attn2` paths whose projections added increments during this thread's UNet call (None: no call)."""
+        return None if _compiling() else getattr(self._local, "applied", None)
 
-    def _attention_left(self, path: str) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if _compiling() or self.fused:
-                return
-            plan = self.current_plan()
-            if not plan or path not in self._attention_needing(plan):
-                return
-            if path not in getattr(self._local, "applied", {path}):
-                raise ErasureNotAppliedError(
-                    f"{type(module.processor).__name__} at {path} computed attention without calling "
-                    f"attn.to_k / attn.to_v (or attn.to_kv), so the erasure of {[n for n, _ in plan]} could "
-                    f"not be applied; install a diffusers attention processor, e.g. "
-                    f"pipe.unet.set_default_attn_processor()"
-                )
-        return hook
-
-    def _attention_needing(self, plan: Plan) -> frozenset[str]:
+    def attention_needing(self, plan: Plan) -> frozenset[str]:
         """The `attn2` paths whose keys or values the plan's erasers change."""
         if self._needing[0] is not plan:
             layers = {layer for name, _ in plan for layer in self.erasers[name].weights}
@@ -291,10 +302,9 @@ class ErasureRuntime:
         plan = self.current_plan()
         if not plan:
             return None
-        if not _compiling():
-            applied = getattr(self._local, "applied", None)
-            if applied is not None:
-                applied.add(hook.attention_path)
+        applied = self.applied()
+        if applied is not None:
+            applied.add(hook.attention_path)
         deltas = [self.increment(x, layer, plan) for layer in hook.layers]
         if len(deltas) == 1:
             return None if deltas[0] is None else output + deltas[0].to(output.dtype)
