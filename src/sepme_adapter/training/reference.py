@@ -20,7 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import TrainingError
+from ..errors import TrainingError
+from ..fingerprint import fingerprint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -30,12 +31,11 @@ def _slug(text: str) -> str:
 
 
 def pipeline_resolution(pipe: Any) -> int:
+    """The pipeline's image size in pixels (UNet sample size times the VAE's scale)."""
     return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
 
 def _manifest(pipe: Any, prompt: str, config: Any) -> dict[str, Any]:
-    from .base_model import fingerprint
-
     return {
         "prompt": prompt,
         "seeds": [config.seed * 1000 + k for k in range(config.images_per_concept)],
@@ -85,6 +85,21 @@ def encode_images(pipe: Any, paths: Sequence[Path]) -> torch.Tensor:
     return (latents * pipe.vae.config.scaling_factor).float().cpu()
 
 
+def user_latents(pipe: Any, concepts: Sequence[Any], user_folder: str | Path) -> dict[str, torch.Tensor]:
+    """Latents of the user's images, one sub-folder per concept name (all checked before any is read)."""
+    root = Path(user_folder)
+    files = {}
+    for concept in concepts:
+        folder = root / concept.name
+        found = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not found:
+            raise TrainingError(f"reference folder {str(folder)!r} for concept {concept.name!r} is missing or "
+                                f"has no images ({', '.join(IMAGE_SUFFIXES)}); give one sub-folder per "
+                                f"concept name, or omit reference_images to generate them")
+        files[concept.name] = found
+    return {concept.name: encode_images(pipe, files[concept.name]) for concept in concepts}
+
+
 def reference_latents(
     pipe: Any,
     concepts: Sequence[Any],
@@ -99,21 +114,9 @@ def reference_latents(
     every concept before any image is read or generated.
     """
     device, dtype = pipe.unet.device, pipe.unet.dtype
-    result: dict[str, torch.Tensor] = {}
     if user_folder is not None:
-        root = Path(user_folder)
-        files = {}
-        for concept in concepts:
-            folder = root / concept.name
-            found = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-            if not found:
-                raise TrainingError(f"reference folder {str(folder)!r} for concept {concept.name!r} is missing or "
-                                    f"has no images ({', '.join(IMAGE_SUFFIXES)}); give one sub-folder per "
-                                    f"concept name, or omit reference_images to generate them")
-            files[concept.name] = found
-        for concept in concepts:
-            result[concept.name] = encode_images(pipe, files[concept.name]).to(device, dtype)
-        return result
+        return {name: latents.to(device, dtype) for name, latents in user_latents(pipe, concepts, user_folder).items()}
+    result: dict[str, torch.Tensor] = {}
     was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
     pipe.set_progress_bar_config(disable=True)
     try:

@@ -1,0 +1,110 @@
+"""The training loop: the bookkeeping around one step function (`steps.py`) per algorithm.
+
+Weight-decoupled (Alg. 2): each concept keeps its own objective and its own momentum stop, so
+optimising concepts together or one by one gives the same increments (their parameters are
+disjoint; with Adam, eta_i would only rescale concept i's gradient). Dense G-CiRs (Alg. 1) shares
+one increment, one objective and one momentum stop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import TrainingError
+from ..loader import erasure_runtime
+from .checkpoints import save_checkpoint
+from .config import TrainConfig
+from .harness import gradients_finite, noise_schedule
+from .steps import StepResult, decoupled_step, dense_step, sample_batch
+from .track import ConceptTrack
+
+CHECKPOINT_SECONDS = 300  # also checkpoint at least this often, whatever checkpoint_every says
+
+
+@dataclass
+class Checkpoints:
+    """Saves the tracks every `checkpoint_every` iterations (or 5 minutes); nothing without a folder."""
+
+    folder: Path | None
+    tracks: list[ConceptTrack]
+    mode: str
+    config: TrainConfig
+    last: float = field(default_factory=time.monotonic)
+
+    def save(self) -> None:
+        if self.folder is not None:
+            save_checkpoint(self.folder, self.tracks, self.mode, self.config)
+            self.last = time.monotonic()
+
+    def save_if_due(self, steps: int) -> None:
+        if steps % self.config.checkpoint_every == 0 or time.monotonic() - self.last > CHECKPOINT_SECONDS:
+            self.save()
+
+
+def live_tracks(tracks: list[ConceptTrack], dense: bool, config: TrainConfig) -> list[ConceptTrack]:
+    """The concepts still training (a shared dense increment stops for all at once)."""
+    if dense and tracks[0].done:
+        return []
+    return [t for t in tracks if not t.done and t.stop.steps < config.max_iterations]
+
+
+def apply_step(result: StepResult, dense: bool, config: TrainConfig) -> None:
+    """Step the optimisers, unless the loss or a gradient is non-finite (then the increments stay as they were)."""
+    parameters = [p for owner in result.owners for p in owner.parameters]
+    if not math.isfinite(result.objective) or not gradients_finite(parameters):
+        raise TrainingError(
+            f"the loss became non-finite at iteration {result.owners[0].stop.steps + 1} "
+            f"(L_cor = {result.losses}); the increments were left at their last finite values. "
+            f"Lower the learning rate (lr={config.gcirs_lr if dense else config.lr}) or beta."
+        )
+    for owner in result.owners:
+        owner.optimizer.step()
+
+
+def record(result: StepResult, seconds: float) -> None:
+    """Append each owner's loss and regulariser, and let its momentum stop (Eq. 4) decide."""
+    for track, value, regulariser in zip(result.owners, result.recorded, result.regularisers):
+        track.history.append(value)
+        track.regulariser.append(regulariser)
+        track.seconds += seconds / len(result.owners)
+        if track.stop.update(value):
+            track.done = track.stopped_early = True
+
+
+def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainConfig, blank: torch.Tensor,
+             checkpoint_dir: Path | None, progress: bool, description: str) -> None:
+    """Run Alg. 1 (`dense=True`) or Alg. 2 (weight-decoupled) on the given concepts together until each stops."""
+    unet, runtime = pipe.unet, erasure_runtime(pipe, create=True)
+    alphas_cumprod = noise_schedule(pipe)
+    blank = blank.to(device=unet.device, dtype=unet.dtype)
+    checkpoints = Checkpoints(checkpoint_dir, tracks, "dense" if dense else "wd", config)
+    bar = tqdm(total=config.max_iterations, desc=description, disable=not progress, leave=False,
+               initial=max(t.stop.steps for t in tracks))
+    try:
+        while live := live_tracks(tracks, dense, config):
+            started = time.monotonic()
+            batch = sample_batch(unet, runtime, live, blank, alphas_cumprod, config)
+            if dense:
+                result = dense_step(unet, runtime, tracks[0], batch, config)
+            else:
+                result = decoupled_step(unet, runtime, live, batch, config)
+            apply_step(result, dense, config)
+            record(result, time.monotonic() - started)
+            bar.update(1)
+            bar.set_postfix({t.concept.name: f"{t.history[-1]:+.2e}/{t.stop.value:+.1e}" for t in result.owners})
+            checkpoints.save_if_due(result.owners[0].stop.steps)
+    except BaseException:
+        checkpoints.save()
+        raise
+    finally:
+        bar.close()
+    for track in tracks:
+        track.done = True
+    checkpoints.save()

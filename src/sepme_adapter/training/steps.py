@@ -1,0 +1,112 @@
+"""One optimisation step of each algorithm, on a batch of live concepts.
+
+The step is far cheaper than the paper's (two model copies, 2 frozen + 2 trainable passes per
+concept): one UNet serves as frozen model (erasers inactive) and edited model (erasers active);
+text embeddings are computed once; frozen passes run without a graph; and all concepts share one
+batched UNet call, the processor applying a different increment per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..processor import ErasureRuntime
+from .config import TrainConfig
+from .harness import compute_dtype, noisy_latents
+from .objective import balance_weights, correlation_loss, l1_norm_per_layer
+from .track import ConceptTrack
+
+
+@dataclass
+class Batch:
+    """One iteration's `x_t`, `t`, `c_i` and `c_0` rows for the live concepts, and the frozen model's view."""
+
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    concept_text: torch.Tensor
+    blank_text: torch.Tensor
+    eps_blank: torch.Tensor  # eps(theta, x_t, c_0)
+    original: torch.Tensor  # D(c_i, theta) = eps(theta, x_t, c_i) - eps(theta, x_t, c_0)
+
+
+@dataclass
+class StepResult:
+    """What a step computed: the tracks whose optimisers step, and the numbers their histories record."""
+
+    owners: list[ConceptTrack]
+    losses: list[float]  # L_cor of each live concept
+    recorded: list[float]  # per owner: the loss its history and momentum stop see
+    regularisers: list[float]  # per owner: ||w||_1 / M
+    objective: float
+
+
+def _concept_and_blank(unet, x_t: torch.Tensor, timesteps: torch.Tensor, concept_text: torch.Tensor,
+                       blank_text: torch.Tensor) -> torch.Tensor:
+    """`eps(., x_t, c_i)` and `eps(., x_t, c_0)` in one UNet call (concept rows first)."""
+    sample = unet(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([concept_text, blank_text]))
+    return sample.sample.to(compute_dtype(unet.dtype))
+
+
+def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], blank: torch.Tensor,
+                 alphas_cumprod: torch.Tensor, config: TrainConfig) -> Batch:
+    """Draw `x_t` for each live concept and run the frozen model (same UNet, no eraser active, no graph)."""
+    device, dtype = unet.device, unet.dtype
+    samples = [noisy_latents(t.latents, t.generator, alphas_cumprod, config.ddim_steps, device) for t in live]
+    x_t = torch.cat([s[0] for s in samples])
+    timesteps = torch.tensor([s[1] for s in samples], device=device)
+    concept_text = torch.cat([t.embedding for t in live]).to(device=device, dtype=dtype)
+    blank_text = blank.expand(len(live), -1, -1)
+    with torch.no_grad(), runtime.per_row([None] * (2 * len(live))):
+        eps_concept, eps_blank = _concept_and_blank(unet, x_t, timesteps, concept_text, blank_text).chunk(2)
+    return Batch(x_t, timesteps, concept_text, blank_text, eps_blank, eps_concept - eps_blank)
+
+
+def dense_step(unet, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch, config: TrainConfig) -> StepResult:
+    """Alg. 1 (G-CiRs): one dense increment for every live concept, `sum_i eta_i L_cor_i + lambda ||dW||_1 / M`
+    (Eq. 2-3). A dense increment changes the blank prompt's prediction too, so both edited passes learn."""
+    with runtime.per_row([shared.concept.name] * (2 * len(batch.x_t))):
+        edited = _concept_and_blank(unet, batch.x_t, batch.timesteps, batch.concept_text, batch.blank_text)
+    edited_concept, edited_blank = edited.chunk(2)
+    losses = correlation_loss(batch.original, edited_concept - edited_blank)
+    values = [float(v) for v in losses.detach()]
+    eta = balance_weights(values)
+    regulariser = l1_norm_per_layer(shared.parameters)
+    objective = sum(e * loss for e, loss in zip(eta, losses)) + config.lam * regulariser
+    shared.optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    combined = sum(e * v for e, v in zip(eta, values))
+    return StepResult([shared], values, [combined], [float(regulariser.detach())], float(objective.detach()))
+
+
+def _decoupled_pass(unet, runtime: ErasureRuntime, part: Sequence[ConceptTrack], rows: slice, batch: Batch,
+                    config: TrainConfig) -> tuple[list[float], list[float], float]:
+    """One graph pass for some concepts: backpropagate `L_cor_i + lambda ||w_i||_1 / M` of each (Eq. 2, 11)."""
+    with runtime.per_row([t.concept.name for t in part]):
+        edited = unet(batch.x_t[rows], batch.timesteps[rows], batch.concept_text[rows]).sample
+    losses = correlation_loss(batch.original[rows], edited.to(compute_dtype(unet.dtype)) - batch.eps_blank[rows])
+    regularisers = [l1_norm_per_layer(t.parameters) for t in part]
+    objective = sum(losses[i] + config.lam * regularisers[i] for i in range(len(part)))
+    objective.backward()  # disjoint parameters: per-pass gradients are the full ones
+    return [float(v) for v in losses.detach()], [float(r.detach()) for r in regularisers], float(objective.detach())
+
+
+def decoupled_step(unet, runtime: ErasureRuntime, live: list[ConceptTrack], batch: Batch,
+                   config: TrainConfig) -> StepResult:
+    """Alg. 2 (SepME): each concept its own objective `L_cor_i + lambda ||w_i||_1 / M` (Eq. 2, 11).
+
+    With weight decoupling `eps(theta + dW_i, x_t, c_0) == eps(theta, x_t, c_0)` exactly, so the frozen
+    blank pass is reused; graph passes take `concepts_per_pass` concepts at a time (0: all).
+    """
+    for track in live:
+        track.optimizer.zero_grad(set_to_none=True)
+    values, regularisers, objective = [], [], 0.0
+    chunk = config.concepts_per_pass or len(live)
+    for first in range(0, len(live), chunk):
+        part_values, part_regularisers, part_objective = _decoupled_pass(
+            unet, runtime, live[first : first + chunk], slice(first, first + chunk), batch, config)
+        values, regularisers = values + part_values, regularisers + part_regularisers
+        objective += part_objective
+    return StepResult(live, values, values, regularisers, objective)

@@ -1,0 +1,262 @@
+"""`train_erasers`: G-CiRs (paper Alg. 1) and SepME weight decoupling (Alg. 2) from concepts to erasers.
+
+The plan: encode every prompt once, compute each concept's basis `S_p` (Eq. 8: the null space of
+the blank, known, protected and other concepts' embeddings), group the increments that train
+together, run the loop on each group, and return validated erasers with their statistics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..basis import null_space_basis
+from ..eraser import Eraser
+from ..errors import TrainingError
+from ..processor import ErasureRuntime
+from ..text import encode_prompts
+from ..unet import modified_layers
+from .checkpoints import checkpoint_path, load_checkpoint
+from .concepts import Concept, prepare_concepts
+from .config import MODES, TrainConfig
+from .harness import base_model_metadata, frozen_model, training_runtime, zero_weights
+from .loop import optimise
+from .reference import reference_latents
+from .track import ConceptTrack
+
+
+@dataclass
+class PromptTexts:
+    """Text embeddings of every prompt involved, encoded once: `c_0`, the concepts, known and protected."""
+
+    blank: torch.Tensor
+    concepts: dict[str, torch.Tensor]
+    known: list[torch.Tensor]
+    protected: list[torch.Tensor]
+
+    @classmethod
+    def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
+        texts = encode_prompts(pipe, ["", *(c.prompt for c in concepts), *(k.prompt for k in known), *protected])
+        end = 1 + len(concepts) + len(known)
+        return cls(texts[:1], {c.name: texts[1 + i : 2 + i] for i, c in enumerate(concepts)},
+                   list(texts[1 + len(concepts) : end]), list(texts[end:]))
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One increment to train: dense (G-CiRs, no basis) or decoupled on a basis excluding `known`."""
+
+    index: int
+    concept: Concept
+    dense: bool
+    known: dict[str, str]
+    basis: torch.Tensor | None
+
+
+def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts, mode: str,
+               config: TrainConfig) -> list[Planned]:
+    """Each concept's basis `S_p` (Eq. 8); iterative mode's bases know only earlier concepts, its first is dense."""
+    plan = []
+    for i, concept in enumerate(concepts):
+        if mode == "gcirs" or (mode == "iterative" and i == 0):
+            plan.append(Planned(i, concept, True, {}, None))
+            continue
+        others = concepts[:i] if mode == "iterative" else [c for c in concepts if c != concept]
+        rows = [texts.blank, *(texts.concepts[c.name] for c in others), *texts.known, *texts.protected]
+        excluded = {c.name: c.prompt for c in others} | {k.name: k.prompt for k in known}
+        plan.append(Planned(i, concept, False, excluded, null_space_basis(rows, rtol=config.rtol)))
+    return plan
+
+
+def group_plan(plan: list[Planned], selected: list[int], mode: str) -> list[list[Planned]]:
+    """Increments that train together: G-CiRs on several concepts is one shared increment; simultaneous and
+    iterative train every decoupled increment in one group; separate trains them one by one."""
+    if mode == "gcirs" and len(plan) > 1:
+        # Alg. 1 on several concepts: one dense increment shared by all, losses balanced by eta (Eq. 3).
+        shared = Concept("+".join(p.concept.name for p in plan), plan[0].concept.prompt)
+        return [[Planned(0, shared, True, {}, None)]]
+    entries = [p for p in plan if p.index in selected]
+    decoupled = [p for p in entries if not p.dense]
+    groups = [[p] for p in entries if p.dense]
+    if mode in ("simultaneous", "iterative") and decoupled:
+        groups.append(decoupled)  # iterative: bases differ, but the increments still train together
+    else:
+        groups.extend([p] for p in decoupled)
+    return groups
+
+
+@dataclass
+class TrainingRun:
+    """The state shared by every group of one `train_erasers` call."""
+
+    pipe: Any
+    runtime: ErasureRuntime
+    concepts: list[Concept]
+    protected: list[str]
+    mode: str
+    config: TrainConfig
+    texts: PromptTexts
+    latents: dict[str, torch.Tensor]
+
+    @property
+    def shared_dense(self) -> bool:
+        return self.mode == "gcirs" and len(self.concepts) > 1
+
+    def track(self, planned: Planned) -> ConceptTrack:
+        """A zero increment registered as a trainable eraser, and its track."""
+        dense, config = planned.dense, self.config
+        columns = None if dense else planned.basis.shape[1]
+        eraser = Eraser(
+            name=planned.concept.name, prompt=planned.concept.prompt, basis=planned.basis,
+            weights=zero_weights(self.pipe, modified_layers(self.pipe.unet, dense=dense), columns),
+            beta=1.0 if dense else config.beta,  # dense increments are the weights' change itself
+            known=planned.known, protected=[] if dense else list(self.protected),
+        )
+        self.runtime.add(planned.concept.name, eraser, trainable=True)
+        source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
+        return ConceptTrack.start(planned.concept, eraser, config.gcirs_lr if dense else config.lr, planned.index,
+                                  config, self.latents[source.name], self.texts.concepts[source.name])
+
+    def tracks(self, group: list[Planned]) -> list[ConceptTrack]:
+        tracks = [self.track(planned) for planned in group]
+        if self.shared_dense:  # one track per concept, all sharing the increment, optimiser and stop
+            tracks += [tracks[0].follower(c, self.latents[c.name], self.texts.concepts[c.name])
+                       for c in self.concepts[1:]]
+        return tracks
+
+    def release(self) -> None:
+        """Unregister the trainable erasers; unload SepME when nothing else is loaded."""
+        names = [c.name for c in self.concepts] + (["+".join(c.name for c in self.concepts)] if self.shared_dense
+                                                   else [])
+        for name in names:
+            self.runtime.discard(name)
+        if not self.runtime.erasers:
+            self.pipe.unload_sepme()
+
+
+def checkpoint_folder(root: Path | None, index: int, tracks: list[ConceptTrack], dense: bool, config: TrainConfig,
+                      resume: bool) -> Path | None:
+    """`root/group-<index>`, restored from when resuming, else cleared of an old checkpoint."""
+    if root is None:
+        return None
+    folder = root / f"group-{index}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if resume:
+        load_checkpoint(folder, tracks, "dense" if dense else "wd", config)
+    elif checkpoint_path(folder).exists():
+        checkpoint_path(folder).unlink()
+    return folder
+
+
+def run_groups(run: TrainingRun, groups: list[list[Planned]], checkpoint_root: Path | None, resume: bool,
+               progress: bool) -> dict[str, ConceptTrack]:
+    """Train each group in turn, with the model frozen; the trained track of each eraser by name."""
+    trained: dict[str, ConceptTrack] = {}
+    try:
+        with frozen_model(run.pipe):
+            for g, group in enumerate(groups):
+                dense = group[0].dense
+                tracks = run.tracks(group)
+                folder = checkpoint_folder(checkpoint_root, g, tracks, dense, run.config, resume)
+                optimise(run.pipe, tracks, dense, run.config, run.texts.blank, folder, progress,
+                         f"{'G-CiRs' if dense else 'SepME'} {'+'.join(t.concept.name for t in tracks)}")
+                for track in tracks[:1] if run.shared_dense else tracks:
+                    trained[track.concept.name] = track
+    finally:
+        run.release()
+    return trained
+
+
+def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any], started: float) -> Eraser:
+    """The trained eraser, detached from its optimiser, with training settings and statistics in its metadata."""
+    eraser = track.eraser
+    eraser.weights = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.weights.items()}
+    concepts = [c.prompt for c in run.concepts] if run.shared_dense else [track.concept.prompt]
+    eraser.metadata = {
+        **base,
+        "training": {"method": "gcirs" if eraser.basis is None else "sepme", "mode": run.mode,
+                     "config": asdict(run.config), "concepts": concepts},
+        "stats": {
+            "iterations": track.stop.steps,
+            "stopped_early": track.stopped_early,
+            "final_l_cor": track.history[-1] if track.history else None,
+            "final_l_mom": track.stop.value,
+            "seconds": round(track.seconds, 3),
+            "total_seconds": round(time.monotonic() - started, 3),
+        },
+        "history": {"l_cor": track.history, "regulariser": track.regulariser},
+    }
+    eraser.validate(f"trained eraser {track.concept.name!r}")
+    eraser.metadata["stats"]["dtheta_p"] = eraser.dtheta_p()
+    return eraser
+
+
+def _check_run(mode: str, shard: tuple[int, int] | None, resume: bool, checkpoint_dir: Any) -> None:
+    if mode not in MODES:
+        raise TrainingError(f"mode must be one of {MODES}, got {mode!r}")
+    if shard is not None and (mode not in ("simultaneous", "separate") or not 0 <= shard[0] < shard[1]):
+        raise TrainingError(f"shard={shard} needs mode simultaneous or separate and 0 <= rank < world_size; "
+                            f"iterative and gcirs increments depend on each other")
+    if resume and checkpoint_dir is None:
+        raise TrainingError("resume=True needs the checkpoint_dir of the interrupted run")
+
+
+def train_erasers(
+    pipe: Any,
+    concepts: Sequence[str | Concept | tuple[str, str]],
+    known: Sequence[str | Concept | tuple[str, str]] | None = None,
+    protected: Sequence[str] = (),
+    mode: str = "simultaneous",
+    config: TrainConfig | None = None,
+    reference_images: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> list[Eraser]:
+    """Train one eraser per concept (Alg. 1-2) and return them (not loaded onto the pipeline).
+
+    Args:
+        pipe: a Stable Diffusion pipeline (the base model; left unchanged).
+        concepts: what to erase: `"name"`, `"name=prompt"`, `Concept` or `(name, prompt)`.
+        known: concepts not erased now whose prompts every basis excludes (exact restoration).
+        protected: extra prompts kept exact (e.g. watermark triggers).
+        mode: `simultaneous` (SepME1), `separate` (same bases, one concept at a time), `iterative`
+            (SepME2: step t knows concepts before it; step 1 is G-CiRs) or `gcirs` (Alg. 1 only:
+            one dense increment on all attn2 weights for all concepts, not separable).
+        config: hyperparameters (`TrainConfig()`: the paper's defaults).
+        reference_images: a folder with one sub-folder of images per concept name (default: generate
+            `images_per_concept` images with the original model, cached in `cache_dir`).
+        cache_dir: where generated reference images are cached (PNG + manifest).
+        checkpoint_dir: resumable checkpoints go here (and on Ctrl-C or a crash).
+        resume: continue from the checkpoint in `checkpoint_dir`.
+        shard: `(rank, world_size)`: train only concepts `i` with `i % world_size == rank` (bases still
+            exclude all of them), for splitting independent erasers across processes or machines.
+
+    Example:
+        >>> erasers = train_erasers(pipe, ["vangogh=a painting by van gogh", "picasso=a painting by picasso"])
+        >>> for e in erasers: e.save(f"{e.name}.safetensors")
+    """
+    config = config or TrainConfig()
+    config.validate()
+    concepts, known, protected = prepare_concepts(concepts, known, protected)
+    _check_run(mode, shard, resume, checkpoint_dir)
+    selected = [i for i in range(len(concepts)) if shard is None or i % shard[1] == shard[0]]
+    pipe, runtime = training_runtime(pipe, [c.name for c in concepts])
+    # Everything that can fail on bad input happens before any image is generated.
+    texts = PromptTexts.encode(pipe, concepts, known, protected)
+    plan = plan_bases(concepts, known, texts, mode, config)
+    base = base_model_metadata(pipe, runtime)
+    latents = reference_latents(pipe, [concepts[i] for i in selected], config, reference_images, cache_dir,
+                                progress=progress)
+    run = TrainingRun(pipe, runtime, concepts, protected, mode, config, texts, latents)
+    started = time.monotonic()
+    trained = run_groups(run, group_plan(plan, selected, mode), Path(checkpoint_dir) if checkpoint_dir is not None else None,
+                         resume, progress)
+    return [finished_eraser(track, run, base, started) for track in trained.values()]
