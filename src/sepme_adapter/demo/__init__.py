@@ -12,8 +12,11 @@ The assets are built by `python -m sepme_adapter.demo.build` (see `build.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from .classifier import ConceptClassifier
 from .world import (
@@ -46,6 +49,7 @@ __all__ = [
     "CaptionBatch",
     "Concept",
     "ConceptClassifier",
+    "demo_classifier",
     "load_classifiers",
     "load_pipeline",
     "pipeline_path",
@@ -80,3 +84,15 @@ def load_classifiers() -> dict[str, ConceptClassifier]:
     """The demo's classifiers by concept family ("object", "style"); use `CONCEPTS[name].family` to pick one."""
     folder = _require(ASSETS / "classifiers")
     return {family: ConceptClassifier.load(folder, family) for family in LABELS}
+
+
+def demo_classifier() -> Callable[[str, Sequence[Image.Image]], list[bool]]:
+    """`classify(name, images)` for evaluation: concept `name` is recognised when its family's classifier says `name`."""
+    classifiers = load_classifiers()
+
+    def classify(name: str, images: Sequence[Image.Image]) -> list[bool]:
+        if name not in CONCEPTS:
+            raise KeyError(f"{name!r} is not a demo concept; demo concepts: {sorted(CONCEPTS)}")
+        return [p == name for p in classifiers[CONCEPTS[name].family].predict(list(images))]
+
+    return classify

@@ -24,9 +24,10 @@ from ..evaluation import (
     markdown_table,
     write_results,
 )
+from ..files import eraser_filename
 from ..loader import attach
-from ..training import TrainConfig, eraser_filename, train_erasers, write_report
-from . import CONCEPTS, load_classifiers, load_pipeline
+from ..training import TrainConfig, train_erasers, write_report
+from . import CONCEPTS, demo_classifier, load_pipeline
 
 ERASED = ("orvan", "pimsa", "kadrel")
 """The three concepts the demo erases (styles, like the paper's Van Gogh / Picasso / Cezanne)."""
@@ -56,7 +57,7 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
     torch.set_num_threads(1)
     pipe = attach(load_pipeline())
     pipe.set_progress_bar_config(disable=True)
-    classifiers = load_classifiers()
+    classify = demo_classifier()
     config = replace(DEMO_TRAINING, images_per_concept=4) if quick else DEMO_TRAINING
     seeds = seeds or (4 if quick else 10)
 
@@ -67,9 +68,6 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
         eraser.save(out / "erasers" / eraser_filename(eraser.name))
         pipe.load_sepme(eraser, erase=False)
     write_report(erasers, out / "erasers")
-
-    def classify(name: str, images) -> list[bool]:
-        return [p == name for p in classifiers[CONCEPTS[name].family].predict(list(images))]
 
     concepts = [EvalConcept(n, [CONCEPTS[n].prompt], list(CONCEPTS[n].paraphrases[: 0 if quick else 1]),
                             list(range(seeds))) for n in (*ERASED, *KEPT)]
@@ -90,13 +88,3 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
     print(f"time: training {results['timing_seconds']['training']} s, total {results['timing_seconds']['total']} s")
     torch.set_num_threads(threads)
     return results
-
-
-def register_cli(subparsers: Any) -> None:
-    """`sepme demo [--quick] [--out DIR]`."""
-    parser = subparsers.add_parser("demo", help="erase, restore and measure on the built-in demo world")
-    parser.add_argument("--out", "-o", default="sepme-demo", help="output folder (default ./sepme-demo)")
-    parser.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
-    parser.add_argument("--seeds", type=int, help="seeds per prompt (default 10, quick 4)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=lambda args: run_demo(args.out, args.quick, args.seeds, not args.quiet) and 0)

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .evaluation import Classify, generate
+from .metrics import to_tensor
+from .protocol import Classify, generate
 
 BLANK_LABEL = "blank"
 
@@ -40,8 +41,6 @@ def _imagenet_weights_cached() -> bool:
 
 
 def _batch(images: Sequence[Image.Image]) -> torch.Tensor:
-    from .evaluation import to_tensor
-
     pixels = torch.nn.functional.interpolate(to_tensor(images), size=224, mode="bilinear", align_corners=False)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -111,35 +110,3 @@ def load_style_classifier(folder: str | Path, device: str = "cpu") -> Classify:
         return [config["labels"][p] == name for p in predicted]
 
     return classify
-
-
-def _train_classifier_command(args: Any) -> int:
-    from .base_model import load_pipeline
-    from .training import Concept
-
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    pipe.set_progress_bar_config(disable=True)
-    concepts = [Concept.parse(c) for c in args.concept]
-    config = train_style_classifier(pipe, {c.name: c.prompt for c in concepts}, args.out, args.images,
-                                    args.epochs, args.peak_lr, args.steps, args.guidance_scale,
-                                    progress=not args.quiet)
-    print(f"held-out accuracy {config['held_out_accuracy']:.3f} ({'ImageNet' if config['imagenet_backbone'] else 'random'}"
-          f" ResNet18 backbone); use it with: sepme eval --classifier resnet18:{args.out}")
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """`sepme train-classifier --model M --concept NAME[=PROMPT] ... --out DIR`."""
-    parser = subparsers.add_parser("train-classifier", help="fit the paper's ResNet18-head style classifier")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--concept", action="append", required=True, metavar="NAME[=PROMPT]")
-    parser.add_argument("--out", "-o", default="style-classifier")
-    parser.add_argument("--images", type=int, default=50, help="images per concept and for the blank prompt")
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--peak-lr", type=float, default=0.01)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--device")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--quiet", action="store_true")
-    parser.set_defaults(func=_train_classifier_command)

@@ -1,0 +1,67 @@
+"""The paper's evaluation protocol (Sec. 4.1, App. C-D): ACC, LPIPS, `||dtheta||_p`, subset tables, grids.
+
+- ACC: a classifier's accuracy on images generated from each concept's prompts; erased
+  concepts should fall, the others stay.
+- LPIPS (AlexNet) between the original model's image and the edited model's image for the same
+  prompt and seed. ImageNet AlexNet weights cannot be downloaded offline: then the real lpips
+  code runs with a randomly initialised AlexNet (`pnet_rand=True`) and the tables say so.
+- The restoration tables (3, 4, 5, 8) evaluate every subset of a set of erasers.
+
+| module | what it holds |
+|---|---|
+| `protocol` | `EvalConcept`, subsets and scenarios, prompt files, `generate`, `evaluate` |
+| `metrics` | `LPIPSMetric`, `dtheta_p` |
+| `tables`, `grids` | the markdown tables (one builder), results files, image grids |
+| `methods` | `evaluate_methods`: several methods' erasers side by side |
+| `classifiers`, `style_classifier` | classifier specs; the paper's ResNet18-head style classifier |
+
+Evaluation imports the core only (never training, baselines or the demo): callers pass the demo's
+classifier and prompts in.
+"""
+
+from .classifiers import classifier_from_spec, torchvision_classifier
+from .grids import comparison_grid, image_grid
+from .methods import evaluate_methods
+from .metrics import LPIPSMetric, dtheta_p, to_tensor
+from .protocol import (
+    TEMPLATES,
+    Classify,
+    EvalConcept,
+    all_subsets,
+    concepts_from_csv,
+    concepts_from_names,
+    default_prompt,
+    evaluate,
+    generate,
+    scenario_subsets,
+)
+from .style_classifier import BLANK_LABEL, load_style_classifier, train_style_classifier
+from .tables import comparison_table, markdown_table, table, write_results
+
+__all__ = [
+    "BLANK_LABEL",
+    "TEMPLATES",
+    "Classify",
+    "EvalConcept",
+    "LPIPSMetric",
+    "all_subsets",
+    "classifier_from_spec",
+    "comparison_grid",
+    "comparison_table",
+    "concepts_from_csv",
+    "concepts_from_names",
+    "default_prompt",
+    "dtheta_p",
+    "evaluate",
+    "evaluate_methods",
+    "generate",
+    "image_grid",
+    "load_style_classifier",
+    "markdown_table",
+    "scenario_subsets",
+    "table",
+    "to_tensor",
+    "torchvision_classifier",
+    "train_style_classifier",
+    "write_results",
+]
