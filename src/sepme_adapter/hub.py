@@ -9,10 +9,8 @@ baselines) export as exact full-rank LoRAs; they carry no separation guarantee.
 
 from __future__ import annotations
 
-import argparse  # the CLI functions below move to cli/
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
@@ -293,52 +291,6 @@ def push_to_hub(
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode()))
     message = commit_message or f"Upload SepME erasers: {', '.join(e.name for _, e, _ in entries)}"
     return api.create_commit(repo_id, operations, commit_message=message, revision=revision)
-
-
-# ------------------------------------------------------------------ command line
-def _run_push(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        info = push_to_hub(args.files, args.repo_id, private=args.private, token=args.token,
-                           commit_message=args.message, include_lora=not args.no_lora)
-    except HfHubHTTPError as error:
-        print(f"sepme push: error: the Hub refused the upload: {error}", file=sys.stderr)
-        return 1
-    print(f"pushed {len(args.files)} eraser(s) to {args.repo_id}: {info.commit_url}")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    for path in export_lora(args.files, args.output):
-        print(path)
-    return 0
-
-
-def register_cli(subparsers: Any) -> None:
-    """Add `sepme push` and `sepme export-lora`."""
-    push = subparsers.add_parser(
-        "push", help="upload eraser files, LoRA exports and a model card to a Hugging Face Hub repo",
-        description="Upload eraser files to a Hub repo (created if needed) in one commit, with plain-diffusers "
-                    "LoRA exports under lora/ and a generated README.md model card.",
-    )
-    push.add_argument("files", nargs="+", metavar="FILE", help="eraser .safetensors files")
-    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub repo, e.g. someone/sd15-erasers")
-    push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or `hf auth login`)")
-    push.add_argument("-m", "--message", default=None, help="commit message")
-    push.add_argument("--no-lora", action="store_true", help="do not upload the lora/ exports")
-    push.set_defaults(func=_run_push)
-
-    export = subparsers.add_parser(
-        "export-lora", help="write erasers as standard diffusers LoRA files (pipe.load_lora_weights)",
-        description="Write each eraser as a standard diffusers/PEFT LoRA file: lora_A = S_p^T, "
-                    "lora_B = beta * w, scale 1. load_sepme reads these files too.",
-    )
-    export.add_argument("files", nargs="+", metavar="FILE", help="eraser .safetensors files")
-    export.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="output folder (one file per eraser, same names), or a .safetensors file for one eraser")
-    export.set_defaults(func=_run_export)
 
 
 __all__ = ["SEPME_LORA_KEY", "export_lora", "model_card", "push_to_hub", "save_lora"]

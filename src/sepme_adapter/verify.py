@@ -9,7 +9,6 @@ model equals base + the increments.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,43 +93,3 @@ def verify_fused(base: Any, fused: Any, erasers: Sequence[Eraser], rtol: float =
         layers[layer] = error
         worst = max(worst, error)
     return {"worst_relative_error": worst, "ok": worst <= rtol, "layers": layers}
-
-
-def _verify_command(args: Any) -> int:
-    from .base_model import load_pipeline
-    from .loader import resolve_eraser_files
-
-    pipe = load_pipeline(args.model, args.device, "float32")
-    erasers = [Eraser.load(p) for source in args.erasers for p in resolve_eraser_files(source)]
-    reports = [verify_eraser(pipe, e) for e in erasers]
-    fused_report = None
-    if args.fused_model:
-        fused_report = verify_fused(pipe, load_pipeline(args.fused_model, args.device, "float32"), erasers)
-    for report in reports:
-        status = "ok" if report["ok"] else "FAIL: " + "; ".join(report["problems"])
-        print(f"{report['name']:>20}  leak {report['worst_leak']:.2e}  concept change "
-              f"{report['largest_concept_change']:.2e}  {status}")
-        if args.verbose:
-            for layer, entry in report["layers"].items():
-                print(f"    {layer}: " + ", ".join(f"{k} {v:.2e}" for k, v in entry.items()))
-    if fused_report is not None:
-        print(f"{'fused model':>20}  worst relative error {fused_report['worst_relative_error']:.2e}  "
-              f"{'ok' if fused_report['ok'] else 'FAIL: weights are not base + increments'}")
-    if args.json:
-        with open(args.json, "w") as stream:
-            json.dump({"erasers": reports, "fused": fused_report}, stream, indent=2)
-    ok = all(r["ok"] for r in reports) and (fused_report is None or fused_report["ok"])
-    return 0 if ok else 1
-
-
-def register_cli(subparsers: Any) -> None:
-    """`sepme verify --model M --erasers FILE... [--fused-model F]`: exit 1 when an eraser does nothing."""
-    parser = subparsers.add_parser("verify", help="check erasers act on their concept and leak nowhere else")
-    parser.add_argument("--model", required=True, help="the base model (local folder or Hub id)")
-    parser.add_argument("--erasers", nargs="+", required=True, help="eraser files or folders")
-    parser.add_argument("--fused-model", help="a saved model that should equal base + the erasers' increments")
-    parser.add_argument("--device")
-    parser.add_argument("--json", help="also write the full per-layer report here")
-    parser.add_argument("--verbose", "-v", action="store_true", help="print every layer")
-    parser.set_defaults(func=_verify_command)
-

@@ -1,0 +1,116 @@
+"""Evaluate erasers the way the paper does (Tables 1-5)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .. import demo
+from ..evaluation import (
+    TEMPLATES,
+    Classify,
+    EvalConcept,
+    LPIPSMetric,
+    classifier_from_spec,
+    comparison_grid,
+    comparison_table,
+    concepts_from_csv,
+    default_prompt,
+    evaluate,
+    evaluate_methods,
+    markdown_table,
+    scenario_subsets,
+    write_results,
+)
+from ..pipelines import load_pipeline
+from .options import add_model_options, new_command
+
+# Named classifiers and default prompts of the demo world; evaluation itself does not know the demo.
+NAMED_CLASSIFIERS = {"demo": lambda device: demo.demo_classifier()}
+DEMO_PROMPTS = {name: concept.prompt for name, concept in demo.CONCEPTS.items()}
+
+
+def register(subparsers: Any) -> None:
+    parser = new_command(subparsers, "eval", __doc__, run,
+                         help="paper-style ACC / LPIPS / ||dtheta||_p tables")
+    add_model_options(parser)
+    parser.add_argument("--erasers", nargs="+", help="eraser files or folders (loaded in order)")
+    parser.add_argument("--compare", nargs="+", metavar="LABEL=DIR",
+                        help="compare methods side by side: each LABEL=DIR (or DIR, labelled by its name) is one "
+                             "method's erasers, e.g. the --out of `sepme erase --method esd`; writes one table "
+                             "(results.md) and an image grid (comparison.png); --scenario single is Table 1")
+    parser.add_argument("--classifier", default="demo",
+                        help="demo | resnet18:FOLDER | torchvision:ARCH:concept=index,... | package.module:function")
+    parser.add_argument("--scenario", choices=["single", "multi", "subsets", "iterative"], default="subsets",
+                        help="which subsets of the erasers to evaluate: single (Table 1), multi (Table 2), "
+                             "subsets (Tables 3-5, default) or iterative (SepME2 prefixes)")
+    parser.add_argument("--prompts", help="CSV with prompt, evaluation_seed, case_number (and concept)")
+    parser.add_argument("--concepts", help="comma-separated concept names (default: the erasers' concepts)")
+    parser.add_argument("--paraphrases", action="store_true", help="also measure template paraphrases")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per prompt (paper: 50 x 5 images)")
+    parser.add_argument("--images-per-prompt", type=int, default=1, help="CSV prompts: seeds per row")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    parser.add_argument("--out", "-o", default="sepme-eval", help="output folder (default: ./sepme-eval)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="load erasers trained on another base model (with a warning)")
+
+
+def _classifier(args: argparse.Namespace, pipe: Any) -> Classify:
+    return classifier_from_spec(args.classifier, str(pipe.device), named=NAMED_CLASSIFIERS)
+
+
+def _concepts(args: argparse.Namespace, pipe: Any, names: list[str]) -> list[EvalConcept]:
+    """From the CSV, or per concept name: the eraser's prompt (else a default), and paraphrases if asked."""
+    if args.prompts:
+        return concepts_from_csv(args.prompts, images_per_prompt=args.images_per_prompt)
+    erasers = pipe.list_sepme()
+    concepts = []
+    for name in args.concepts.split(",") if args.concepts else names:
+        exact = [erasers[name]["prompt"]] if name in erasers else [default_prompt(name, DEMO_PROMPTS)]
+        paraphrases = [t.format(name) for t in TEMPLATES[1:]] if args.paraphrases else []
+        concepts.append(EvalConcept(name, exact, paraphrases, list(range(args.seeds))))
+    return concepts
+
+
+def _evaluate_erasers(pipe: Any, args: argparse.Namespace) -> int:
+    names = []
+    for path in args.erasers:
+        loaded = pipe.load_sepme(path, erase=False, allow_base_mismatch=args.allow_base_mismatch)
+        names.extend([loaded] if isinstance(loaded, str) else loaded)
+    results = evaluate(pipe, _concepts(args, pipe, names), _classifier(args, pipe),
+                       scenario_subsets(names, args.scenario), steps=args.steps,
+                       guidance_scale=args.guidance_scale, lpips=LPIPSMetric(pipe.device), progress=not args.quiet)
+    json_path, md_path = write_results(results, args.out)
+    print(markdown_table(results))
+    print(f"\nwritten: {json_path}, {md_path}")
+    return 0
+
+
+def _compare(pipe: Any, args: argparse.Namespace) -> int:
+    """`sepme eval --compare sepme=DIR esd=DIR ...`: every method's erasers, one table (issue 7)."""
+    methods = []
+    for value in args.compare:
+        label, _, folder = value.partition("=") if "=" in value else (Path(value).name, "", value)
+        methods.append((label.strip(), folder.strip()))
+    concepts = (concepts_from_csv(args.prompts, images_per_prompt=args.images_per_prompt) if args.prompts
+                else args.concepts.split(",") if args.concepts else None)
+    results = evaluate_methods(pipe, methods, _classifier(args, pipe), scenario=args.scenario, concepts=concepts,
+                               seeds=list(range(args.seeds)), paraphrases=args.paraphrases,
+                               allow_base_mismatch=args.allow_base_mismatch, keep_images=True,
+                               default_prompts=DEMO_PROMPTS, steps=args.steps, guidance_scale=args.guidance_scale,
+                               lpips=LPIPSMetric(pipe.device), progress=not args.quiet)
+    table = comparison_table(results)
+    json_path, md_path = write_results(results, args.out, markdown=table)  # the per-method table
+    grid = comparison_grid(results, Path(args.out) / "comparison.png")
+    print(table)
+    print(f"\nwritten: {json_path}, {md_path}, {grid}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if bool(args.erasers) == bool(args.compare):
+        raise ValueError("give either --erasers FILE... or --compare LABEL=DIR ... (one set of erasers per method)")
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    return _compare(pipe, args) if args.compare else _evaluate_erasers(pipe, args)

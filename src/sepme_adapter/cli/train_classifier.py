@@ -1,0 +1,40 @@
+"""Generate images of each concept (and of the blank prompt) with the model and fit a ResNet18 head on them
+(paper App. C); use it with `sepme eval --classifier resnet18:DIR`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..evaluation import train_style_classifier
+from ..pipelines import load_pipeline
+from ..training import Concept
+from .options import add_model_options, new_command
+
+
+def register(subparsers: Any) -> None:
+    parser = new_command(subparsers, "train-classifier", __doc__, run,
+                         help="fit the paper's ResNet18-head style classifier")
+    parser.add_argument("--concept", action="append", required=True, metavar="NAME[=PROMPT]",
+                        help="a concept (label) and the prompt its images come from (repeat)")
+    add_model_options(parser)
+    parser.add_argument("--out", "-o", default="style-classifier", help="output folder (default: ./style-classifier)")
+    parser.add_argument("--images", type=int, default=50, help="images per concept and for the blank prompt")
+    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    parser.add_argument("--peak-lr", type=float, default=0.01, help="peak of the one-cycle learning rate (default 0.01)")
+    parser.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+
+
+def run(args: argparse.Namespace) -> int:
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    concepts = [Concept.parse(c) for c in args.concept]
+    config = train_style_classifier(pipe, {c.name: c.prompt for c in concepts}, args.out, args.images,
+                                    args.epochs, args.peak_lr, args.steps, args.guidance_scale,
+                                    progress=not args.quiet)
+    backbone = "ImageNet" if config["imagenet_backbone"] else "random"
+    print(f"held-out accuracy {config['held_out_accuracy']:.3f} ({backbone} ResNet18 backbone); use it with: "
+          f"sepme eval --classifier resnet18:{args.out}")
+    return 0
