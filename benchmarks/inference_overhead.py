@@ -25,8 +25,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import sepme_adapter
-from sepme_adapter.base_model import cross_attention_modules, fingerprint
+from sepme_adapter.fingerprint import fingerprint
 from sepme_adapter.testing import sd15_unet_config, tiny_pipeline
+from sepme_adapter.unet import cross_attention_modules
 
 CONFIGS = ("plain", "0", "1", "3", "10", "fused")  # plain: no SepME loaded; 0: loaded, nothing erased
 LABELS = {"plain": "no erasers (plain UNet)", "0": "10 loaded, 0 active", "1": "1 active", "3": "3 active",

@@ -9,12 +9,12 @@ either by the package's own processor (`--reference-increments processor`, defau
 then the same in both variants, so the comparison measures the algorithm) or by merging `W + dW` into
 the weights with `torch.func.functional_call` (`merged`: an independent reading of Eq. 10).
 Ours: the library as-is, `train_erasers(mode="simultaneous")` on the same pipeline, reference images,
-seeds and config; only its optimisation loop is timed (hooks on `training._noisy_latents` and on the
+seeds and config; only its optimisation loop is timed (hooks on `training.steps.noisy_latents` and on the
 loop's progress bar mark where each step starts and ends).
 
 Both use the paper's defaults (Adam lr 1e-2, beta 1e-4, lambda 3e-5) with early stop disabled (tau = -1e30)
-so both run exactly `--steps` iterations, and the same per-concept random streams (`_noisy_latents` with
-generators seeded as `training._new_track` does), so their loss trajectories and final `w`s are compared.
+so both run exactly `--steps` iterations, and the same per-concept random streams (`noisy_latents` with
+generators seeded as `ConceptTrack.start` does), so their loss trajectories and final `w`s are compared.
 
 Sizes: the tiny pipeline (`tiny_pipeline`, real tiny CLIP text encoder, recomputed each step by the reference)
 and an SD v1.5-shaped UNet (`sd15_unet_config()`, random weights, small latents, fixed random 77 x 768
@@ -154,15 +154,16 @@ def write_reference_images(folder: Path, resolution: int, count: int = 4) -> Non
 def run_ours(pipe, concepts, config, folder: Path) -> dict:
     """`train_erasers` as-is; the hooks only read the clock."""
     from sepme_adapter import training
+    from sepme_adapter.training import loop, steps
 
     clock = StepClock()
-    sample = training._noisy_latents
+    sample = steps.noisy_latents
 
-    def timed_sample(track, *args):
+    def timed_sample(*args):
         clock.start()
-        return sample(track, *args)
+        return sample(*args)
 
-    class StepEnd:  # replaces tqdm inside `_optimise`: `update` is called once at the end of every step
+    class StepEnd:  # replaces tqdm inside `loop.optimise`: `update` is called once at the end of every step
         def __init__(self, *args, **kwargs) -> None:
             pass
 
@@ -175,7 +176,7 @@ def run_ours(pipe, concepts, config, folder: Path) -> dict:
         def close(self) -> None:
             pass
 
-    with mock.patch.object(training, "_noisy_latents", timed_sample), mock.patch.object(training, "tqdm", StepEnd):
+    with mock.patch.object(steps, "noisy_latents", timed_sample), mock.patch.object(loop, "tqdm", StepEnd):
         erasers = training.train_erasers(pipe, [training.Concept(n, p) for n, p in concepts], mode="simultaneous",
                                          config=config, reference_images=folder, progress=False)
     return {
@@ -191,8 +192,10 @@ def run_reference(pipe, concepts, config, folder: Path, increments: str) -> dict
     from diffusers import DDPMScheduler
 
     from sepme_adapter import Eraser, ErasureRuntime, null_space_basis, training
-    from sepme_adapter.base_model import cross_attention_modules, encode_prompts
-    from sepme_adapter.reference import reference_latents
+    from sepme_adapter.text import encode_prompts
+    from sepme_adapter.training.harness import noisy_latents
+    from sepme_adapter.training.reference import reference_latents
+    from sepme_adapter.unet import cross_attention_modules
 
     unet = pipe.unet.requires_grad_(False)  # the trainable model: only the w's learn (conservative for the
     frozen = copy.deepcopy(unet)            # reference: ESD-style code leaves the UNet's requires_grad on)
@@ -212,7 +215,7 @@ def run_reference(pipe, concepts, config, folder: Path, increments: str) -> dict
             eraser.weights = w
             runtime.add(name, eraser, trainable=True)
         stream = SimpleNamespace(generator=torch.Generator().manual_seed(config.seed * 100_003 + i),
-                                 latents=latents[name])  # what `_noisy_latents` reads from a track
+                                 latents=latents[name])  # what `noisy_latents` reads from a track
         states.append(SimpleNamespace(name=name, prompt=prompt, basis=basis, w=w, stream=stream,
                                       optimizer=torch.optim.Adam(list(w.values()), lr=config.lr),
                                       l_cor=[], reg=[], l_zero=[]))
@@ -235,7 +238,8 @@ def run_reference(pipe, concepts, config, folder: Path, increments: str) -> dict
             started = time.perf_counter()
             c_0, c_i = encode_prompts(pipe, [""]), encode_prompts(pipe, [s.prompt])  # recomputed every step
             text_s += time.perf_counter() - started
-            x_t, t = training._noisy_latents(s.stream, alphas_cumprod, config, unet.device)
+            x_t, t = noisy_latents(s.stream.latents, s.stream.generator, alphas_cumprod, config.ddim_steps,
+                                   unet.device)
             t = torch.tensor([t])
             with torch.no_grad():
                 original = frozen(x_t, t, c_i).sample.float() - frozen(x_t, t, c_0).sample.float()

@@ -9,7 +9,7 @@ import argparse
 
 import sepme_adapter
 from sepme_adapter import demo
-from sepme_adapter.base_model import load_pipeline
+from sepme_adapter.pipelines import load_pipeline
 from sepme_adapter.training import TrainConfig, train_erasers
 
 parser = argparse.ArgumentParser()

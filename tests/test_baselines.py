@@ -8,7 +8,6 @@ import torch
 
 import sepme_adapter
 from sepme_adapter import Eraser, SepMEWarning, TrainingError
-from sepme_adapter.base_model import base_linear, cross_attention_modules, encode_prompts, load_pipeline
 from sepme_adapter.baselines import (
     METHODS,
     BaselineConfig,
@@ -18,11 +17,14 @@ from sepme_adapter.baselines import (
     train_baseline,
 )
 from sepme_adapter.cli import main
+from sepme_adapter.loader import erasure_runtime
+from sepme_adapter.pipelines import load_pipeline
 from sepme_adapter.testing import tiny_pipeline
+from sepme_adapter.text import encode_prompts
 from sepme_adapter.training import Concept
+from sepme_adapter.unet import base_linear, cross_attention_modules
 
-from .conftest import CONCEPTS, PROTECTED, generate
-from .test_loader import keys_and_values, recording, unet_output
+from .helpers import CONCEPTS, PROTECTED, generate, keys_and_values, recording, unet_output
 
 VANGOGH = "van gogh=a painting by van gogh"  # the name appears in the prompt: FMN finds its tokens
 PICASSO = "picasso=a painting by picasso"
@@ -111,7 +113,7 @@ def test_uce_is_the_closed_form_of_its_paper(pipe):
 
 
 def test_the_esd_target_is_negative_guidance_away_from_the_concept(pipe):
-    runtime = pipe._sepme(create=True)
+    runtime = erasure_runtime(pipe, create=True)
     text = encode_prompts(pipe, ["a painting by van gogh", ""])
     x_t, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([400])
     with torch.no_grad():
@@ -145,7 +147,7 @@ def test_fmn_moves_attention_off_the_concept_tokens(pipe, references):
 
     def concept_attention():
         maps = []
-        runtime = pipe._sepme(create=True)
+        runtime = erasure_runtime(pipe, create=True)
         text = encode_prompts(pipe, ["a painting by van gogh"])
         with torch.no_grad(), capture_attention(runtime, maps):
             pipe.unet(torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)), 300, text)
@@ -174,13 +176,6 @@ def test_bad_input_fails_before_any_work(pipe, tmp_path, method, kwargs, message
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
-
-
 CLI = ["--concept", "vangogh=a painting by van gogh", "--concept", "picasso=a painting by picasso", "--quiet",
        "--device", "cpu", "--images-per-concept", "2", "--reference-steps", "2"]
 
@@ -200,11 +195,6 @@ def test_sepme_erase_method_uce_works_from_a_saved_model_folder(model_folder, tm
     assert "anchor" in capsys.readouterr().err
 
 
-def brightness(name, images):
-    """A stand-in classifier for `sepme eval --classifier tests.test_baselines:brightness`."""
-    return [float(np.asarray(i).mean()) > 120.0 for i in images]
-
-
 def test_sepme_eval_compare_puts_every_method_in_one_table(model_folder, tmp_path, capsys):
     folders = {}
     for method, extra in (("uce", []), ("esd", ["--esd-lr", "1e-3", "--esd-iterations", "2"])):
@@ -213,7 +203,7 @@ def test_sepme_eval_compare_puts_every_method_in_one_table(model_folder, tmp_pat
                      *extra, *CLI]) == 0
     out = tmp_path / "eval"
     assert main(["eval", "--model", str(model_folder), "--compare", f"uce={folders['uce']}", str(folders["esd"]),
-                 "--classifier", "tests.test_baselines:brightness", "--scenario", "single", "--seeds", "1",
+                 "--classifier", "tests.helpers:brightness", "--scenario", "single", "--seeds", "1",
                  "--steps", "2", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [(e["method"], e["erased_concepts"]) for e in results["subsets"]] == [

@@ -9,20 +9,13 @@ import pytest
 
 import sepme_adapter
 from sepme_adapter import Eraser
-from sepme_adapter.base_model import load_pipeline
 from sepme_adapter.cli import main
+from sepme_adapter.pipelines import load_pipeline
 from sepme_adapter.testing import tiny_pipeline
 
 ARGS = ["--concept", "vangogh=a painting by van gogh", "--concept", "picasso=a painting by picasso",
         "--protect", "watermark", "--max-iterations", "5", "--images-per-concept", "2",
         "--reference-steps", "2", "--beta", "0.1", "--lr", "0.1", "--quiet", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    tiny_pipeline().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def test_erase_writes_one_file_per_concept_and_a_report(single_process):
     names = sorted(p.name for p in single_process.iterdir())
     assert {"vangogh.safetensors", "picasso.safetensors", "training_report.json", "loss_curves.png"} <= set(names)
     eraser = Eraser.load(single_process / "vangogh.safetensors")
-    assert eraser.known == {"picasso": "a painting by picasso"} and eraser.protected == ["watermark"]
+    assert eraser.known == {"picasso": ["a painting by picasso"]} and eraser.protected == ["watermark"]
     assert eraser.metadata["training"]["config"]["max_iterations"] == 5
 
 
@@ -55,6 +48,7 @@ def test_bad_cli_input_exits_2_with_a_message(model_folder, tmp_path, capsys):
     assert code == 2 and "repeated" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
                     reason="accelerate's launcher is not installed")
 def test_accelerate_launch_splits_concepts_across_two_cpu_processes(model_folder, single_process, tmp_path):

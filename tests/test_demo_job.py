@@ -2,10 +2,13 @@
 
 import json
 
+import pytest
+
 from sepme_adapter.cli import main
 from sepme_adapter.demo.job import ERASED, KEPT
 
 
+@pytest.mark.slow  # about two minutes on 2 CPU cores
 def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

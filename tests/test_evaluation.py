@@ -17,7 +17,7 @@ from sepme_adapter.evaluation import (
     write_results,
 )
 
-from .conftest import CONCEPTS, make_eraser
+from .helpers import CONCEPTS, make_eraser
 
 
 def brightness_classifier(threshold):

@@ -6,7 +6,7 @@ from sepme_adapter.cli import main
 from sepme_adapter.eraser import Eraser
 from sepme_adapter.testing import tiny_pipeline
 
-from .conftest import make_eraser
+from .helpers import make_eraser
 
 
 def test_verify_passes_working_erasers_and_fails_an_inert_one(tmp_path, capsys):

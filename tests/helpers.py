@@ -1,0 +1,100 @@
+"""Helpers the test modules share: the concepts, erasers on real null spaces, key/value recording,
+and a stand-in classifier. Test modules import from here, never from each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+import sepme_adapter
+from sepme_adapter.basis import null_space_basis
+from sepme_adapter.fingerprint import fingerprint
+from sepme_adapter.text import encode_prompts
+from sepme_adapter.unet import cross_attention_modules
+
+CONCEPTS = {
+    "vangogh": "a painting by van gogh",
+    "picasso": "a painting by picasso",
+    "cezanne": "a painting by cezanne",
+}
+PROTECTED = ["watermark"]
+
+
+def make_eraser(
+    pipe,
+    name: str,
+    concepts: dict[str, str] = CONCEPTS,
+    protected: list[str] = PROTECTED,
+    seed: int = 0,
+    scale: float = 2000.0,
+    with_fingerprint: bool = True,
+) -> sepme_adapter.Eraser:
+    """A separable eraser with random `w` on the pipeline's real null space (as training would make)."""
+    known = {n: p for n, p in concepts.items() if n != name}
+    embeddings = encode_prompts(pipe, ["", *known.values(), *protected])
+    basis = null_space_basis(list(embeddings))
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for path, module in sorted(cross_attention_modules(pipe.unet).items()):
+        for proj in ("to_k", "to_v"):
+            d_out = getattr(module, proj).weight.shape[0]
+            weights[f"{path}.{proj}"] = torch.randn(d_out, basis.shape[1], generator=generator) * scale
+    metadata = {"base_model": "tiny-random"}
+    if with_fingerprint:
+        metadata["fingerprint"] = fingerprint(pipe)
+    return sepme_adapter.Eraser(
+        name=name, prompt=concepts[name], basis=basis, weights=weights, beta=1e-4,
+        known=known, protected=list(protected), metadata=metadata,
+    )
+
+
+def generate(pipe, prompt: str, seed: int = 0, steps: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np").images
+
+
+class RecordingProcessor(AttnProcessor2_0):
+    """The default processor, recording the keys and values it computes."""
+
+    def __init__(self, log, path):
+        super().__init__()
+        self.log, self.path = log, path
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        self.log[f"{self.path}.k"] = attn.to_k(encoder_hidden_states).detach().clone()
+        self.log[f"{self.path}.v"] = attn.to_v(encoder_hidden_states).detach().clone()
+        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def keys_and_values(pipe, prompts):
+    """Every attn2's keys and values for the prompts, as the processors see them."""
+    log = {}
+    for module in cross_attention_modules(pipe.unet).values():
+        target = module.processor
+        target = getattr(target, "inner", target)
+        if not isinstance(target, RecordingProcessor):
+            raise AssertionError("install recording processors before loading erasers")
+        target.log = log
+    text = encode_prompts(pipe, prompts)
+    with torch.no_grad():
+        pipe.unet(torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0)), 10, text)
+    return log
+
+
+def recording(pipe):
+    """Install `RecordingProcessor`s on every attn2 (before loading erasers)."""
+    for path, module in cross_attention_modules(pipe.unet).items():
+        module.set_processor(RecordingProcessor({}, path))
+    return pipe
+
+
+def unet_output(pipe, prompt="a painting by van gogh"):
+    text = encode_prompts(pipe, [prompt, ""])
+    with torch.no_grad():
+        return pipe.unet(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), 500, text).sample
+
+
+def brightness(name, images):
+    """A stand-in classifier for `sepme eval --classifier tests.helpers:brightness`."""
+    return [float(np.asarray(i).mean()) > 120.0 for i in images]
