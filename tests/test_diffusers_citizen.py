@@ -22,8 +22,7 @@ from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.testing.conformance import IMAGE_EMBED_WIDTH, IP_ADAPTER_FILE, tiny_ip_adapter
 from sepme_adapter.verify import MIN_EFFECT, verify_eraser
 
-from .conftest import CONCEPTS, make_eraser
-from .test_lora_coexistence import user_lora
+from .helpers import CONCEPTS, make_eraser
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -48,6 +47,19 @@ def with_increments(erasers):
 
 def close(a, b, rtol=1e-4):
     return torch.allclose(a, b, rtol=0, atol=rtol * float(b.abs().max()))
+
+
+def user_lora(unet, seed=0, rank=4):
+    """A random LoRA on every attn2's to_q / to_k / to_v, in diffusers' PEFT key layout."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and hasattr(module, "to_q"):
+            for proj in ("to_q", "to_k", "to_v"):
+                linear = getattr(module, proj)
+                state[f"unet.{name}.{proj}.lora_A.weight"] = torch.randn(rank, linear.in_features, generator=generator) / 4
+                state[f"unet.{name}.{proj}.lora_B.weight"] = torch.randn(linear.out_features, rank, generator=generator) / 4
+    return state
 
 
 def load_ip_adapter(pipe, tmp_path):
@@ -165,7 +177,6 @@ def test_7_fuse_lora_then_fuse_sepme_then_unfuse_lora_leaves_a_way_out(pipe, era
     assert pipe.list_sepme() == {}
 
 
-@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 def test_7_unfusing_in_reverse_order_stays_bit_exact(pipe, erasers):
     pipe.load_lora_weights(user_lora(pipe.unet), adapter_name="style")
     base_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
