@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random-weight pipelines, erasers built on their real null spaces, a saved model.
 
-Helpers live in `tests/helpers.py`; the names below are re-exported for modules that still import
-them from here.
+Helpers live in `tests/helpers.py`; test modules import them from there, never from each other.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ import torch
 import sepme_adapter
 from sepme_adapter.testing import tiny_pipeline
 
-from .helpers import CONCEPTS, PROTECTED, generate, make_eraser
+from .helpers import CONCEPTS, make_eraser
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads; avoids oversubscription
-
-__all__ = ["CONCEPTS", "PROTECTED", "generate", "make_eraser"]
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from sepme_adapter import Eraser, EraserFileError
 from sepme_adapter.formats import read_safetensors
 
-from .conftest import make_eraser
+from .helpers import make_eraser
 
 
 def test_save_and_load_round_trip_every_tensor_and_metadata_field(pipe, tmp_path):

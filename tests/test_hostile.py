@@ -18,8 +18,7 @@ import sepme_adapter
 from sepme_adapter import Eraser, EraserFileError
 from sepme_adapter.formats import read_safetensors
 
-from .conftest import CONCEPTS, make_eraser
-from .test_loader import unet_output
+from .helpers import CONCEPTS, make_eraser, unet_output
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -136,6 +135,7 @@ for e in erasers:
 """
 
 
+@pytest.mark.slow
 def test_training_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
     concepts = [f"{n}={p}" for n, p in list(CONCEPTS.items())[:2]]
     script = tmp_path / "train.py"

@@ -29,7 +29,7 @@ from sepme_adapter.base_model import encode_prompts
 from sepme_adapter.hub import save_lora
 from sepme_adapter.testing import tiny_pipeline
 
-from .conftest import CONCEPTS, make_eraser
+from .helpers import CONCEPTS, make_eraser
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -353,7 +353,6 @@ def test_push_then_pull_through_a_hub_server(hub, pipe, erasers, tmp_path):
 
 
 def test_the_push_and_export_lora_commands(hub, erasers, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["hub"])
     files = [str(e.save(tmp_path / f"{n}.safetensors")) for n, e in erasers.items()]
     assert cli.main(["export-lora", *files, "-o", str(tmp_path / "lora")]) == 0
     assert sorted(os.listdir(tmp_path / "lora")) == sorted(f"{n}.safetensors" for n in CONCEPTS)

@@ -11,51 +11,12 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import sepme_adapter
 from sepme_adapter import BaseModelMismatchError, ErasureNotAppliedError, SepMEStateError, SepMEWarning
-from sepme_adapter.base_model import cross_attention_modules, encode_prompts
 from sepme_adapter.testing import tiny_pipeline
+from sepme_adapter.text import encode_prompts
 
-from .conftest import CONCEPTS, PROTECTED, generate, make_eraser
+from .helpers import CONCEPTS, PROTECTED, generate, keys_and_values, make_eraser, recording, unet_output
 
 SUBSETS = [list(s) for r in range(1, 4) for s in itertools.combinations(CONCEPTS, r)]
-
-
-class RecordingProcessor(AttnProcessor2_0):
-    """The default processor, recording the keys and values it computes."""
-
-    def __init__(self, log, path):
-        super().__init__()
-        self.log, self.path = log, path
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
-        self.log[f"{self.path}.k"] = attn.to_k(encoder_hidden_states).detach().clone()
-        self.log[f"{self.path}.v"] = attn.to_v(encoder_hidden_states).detach().clone()
-        return super().__call__(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
-
-
-def keys_and_values(pipe, prompts):
-    """Every attn2's keys and values for the prompts, as the processors see them."""
-    log = {}
-    for module in cross_attention_modules(pipe.unet).values():
-        target = module.processor
-        if not isinstance(target, RecordingProcessor):
-            raise AssertionError("install recording processors before loading erasers")
-        target.log = log
-    text = encode_prompts(pipe, prompts)
-    with torch.no_grad():
-        pipe.unet(torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0)), 10, text)
-    return log
-
-
-def recording(pipe):
-    for path, module in cross_attention_modules(pipe.unet).items():
-        module.set_processor(RecordingProcessor({}, path))
-    return pipe
-
-
-def unet_output(pipe, prompt="a painting by van gogh"):
-    text = encode_prompts(pipe, [prompt, ""])
-    with torch.no_grad():
-        return pipe.unet(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), 500, text).sample
 
 
 def test_nothing_erased_is_bit_identical_to_a_pipeline_that_never_loaded_an_eraser(pipe, erasers, tmp_path):

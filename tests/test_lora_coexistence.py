@@ -14,7 +14,7 @@ from sepme_adapter.base_model import cross_attention_modules, encode_prompts, fi
 from sepme_adapter.hub import SEPME_LORA_KEY, export_lora, save_lora
 from sepme_adapter.testing import tiny_pipeline
 
-from .conftest import CONCEPTS
+from .helpers import CONCEPTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 
