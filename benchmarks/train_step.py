@@ -238,7 +238,7 @@ def run_reference(pipe, concepts, config, folder: Path, increments: str) -> dict
             started = time.perf_counter()
             c_0, c_i = encode_prompts(pipe, [""]), encode_prompts(pipe, [s.prompt])  # recomputed every step
             text_s += time.perf_counter() - started
-            x_t, t = noisy_latents(s.stream.latents, s.stream.generator, alphas_cumprod, config.ddim_steps,
+            x_t, t, _ = noisy_latents(s.stream.latents, s.stream.generator, alphas_cumprod, config.ddim_steps,
                                    unet.device)
             t = torch.tensor([t])
             with torch.no_grad():

@@ -72,7 +72,6 @@ def keys_and_values(pipe, prompts):
     log = {}
     for module in cross_attention_modules(pipe.unet).values():
         target = module.processor
-        target = getattr(target, "inner", target)
         if not isinstance(target, RecordingProcessor):
             raise AssertionError("install recording processors before loading erasers")
         target.log = log

@@ -44,7 +44,7 @@ def test_erasers_load_onto_the_same_model_loaded_from_its_folder(single_process,
 
 def test_bad_cli_input_exits_2_with_a_message(model_folder, tmp_path, capsys):
     code = main(["erase", "--model", str(model_folder), "--out", str(tmp_path), "--concept", "a=x",
-                 "--concept", "a=y", "--quiet", "--device", "cpu"])
+                 "--known", "a=y", "--quiet", "--device", "cpu"])
     assert code == 2 and "repeated" in capsys.readouterr().err
 
 

@@ -7,6 +7,7 @@ import sepme_adapter
 from sepme_adapter import EmptyNullSpaceError, TrainingError
 from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.training import Concept, TrainConfig, correlation_loss, steps, train_erasers, write_report
+from sepme_adapter.training.concepts import merge_concepts
 
 from .helpers import CONCEPTS, PROTECTED, keys_and_values, recording
 
@@ -147,7 +148,7 @@ def test_a_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_in
     "concepts, kwargs, error, message",
     [
         ([], {}, TrainingError, "no concept"),
-        (["a=x", "a=y"], {}, TrainingError, "repeated"),
+        (["a=x", "b=x"], {}, TrainingError, "share a prompt"),
         (PAIRS[:1], {"known": ["vangogh=a painting"]}, TrainingError, "repeated"),
         (PAIRS[:1], {"known": ["other=a painting by van gogh"]}, TrainingError, "same prompt"),
         (PAIRS[:1], {"mode": "fastest"}, TrainingError, "mode must be"),
@@ -155,7 +156,8 @@ def test_a_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_in
         (PAIRS[:1], {"config": {"lam": -1.0}}, TrainingError, ">= 0"),
         (PAIRS[:1], {"reference_images": "/nonexistent/folder"}, TrainingError, "missing or has no images"),
         (PAIRS[:1], {"known": [f"k{i}{j}={a} {b}" for i, a in enumerate("dog cat church photo".split())
-                                for j, b in enumerate("drawing the of monet".split())]},
+                                for j, b in enumerate("drawing the of monet".split())],
+                      "config": {"max_leakage": 0}},  # exact bases only
          EmptyNullSpaceError, "fewer known"),
     ],
 )
@@ -169,6 +171,26 @@ def test_bad_input_fails_before_any_work(pipe, tmp_path, concepts, kwargs, error
 def test_concepts_parse_names_and_prompts():
     assert Concept.parse("vangogh=a painting by van gogh") == Concept("vangogh", "a painting by van gogh")
     assert Concept.parse("Van Gogh") == Concept("Van Gogh", "Van Gogh")
+    styled = Concept.from_templates("vangogh", "style", "van gogh")
+    assert styled.prompt == "a painting by van gogh" and "van gogh style" in styled.prompts
+    assert merge_concepts([Concept.parse("a=x"), Concept.parse("b=z"), Concept.parse("a=y")]) == [
+        Concept("a", prompts=("x", "y")), Concept("b", "z")]  # a repeated name adds prompts
+
+
+def test_a_concept_given_as_several_prompts_trains_on_all_of_them_and_its_file_records_them(pipe, tmp_path):
+    vangogh = Concept("vangogh", prompts=("a painting by van gogh", "van gogh style"))
+    picasso = Concept("picasso", prompts=("a painting by picasso", "picasso style"))
+    erasers = train_erasers(pipe, [vangogh, picasso], config=TrainConfig(**QUICK), cache_dir=tmp_path,
+                            progress=False)
+    by_name = {e.name: e for e in erasers}
+    assert by_name["vangogh"].prompts == list(vangogh.prompts)
+    assert by_name["vangogh"].known == {"picasso": list(picasso.prompts)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(  # reference images for every prompt
+        p.name for p in tmp_path.iterdir() if any(w in p.name for w in ("van-gogh", "picasso")))
+    assert len(list(tmp_path.iterdir())) == 4
+    record = by_name["vangogh"].metadata["certificate"]
+    assert record["prompts"] == 1 + 2 and record["max_leakage"] <= 1e-5  # exact basis: round-off only
+    assert by_name["vangogh"].metadata["basis"]["kind"] == "exact"
 
 
 def test_the_report_has_json_and_a_loss_curve_png(pipe, references, tmp_path):

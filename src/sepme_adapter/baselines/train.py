@@ -62,7 +62,7 @@ def fine_tune(pipe: Any, eraser: Eraser, objective: Objective, latents: torch.Te
     probe_stream = torch.Generator().manual_seed(config.seed * 100_003 + index + 50_000)
 
     def draw(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x_t, t = noisy_latents(latents, generator, alphas_cumprod, config.ddim_steps, device)
+        x_t, t, _ = noisy_latents(latents, generator, alphas_cumprod, config.ddim_steps, device)
         return x_t.to(dtype), torch.tensor([t], device=device)
 
     probes = [draw(probe_stream) for _ in range(config.probe_samples)]

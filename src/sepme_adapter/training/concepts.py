@@ -7,13 +7,31 @@ from dataclasses import dataclass
 
 from ..errors import TrainingError
 
+# The standard phrasings erasure work uses (ESD's and the paper's prompt files): `--templates style|object`.
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "style": ("a painting by {}", "in the style of {}", "{} style", "an artwork by {}"),
+    "object": ("a {}", "a photo of a {}", "a picture of a {}", "an image of a {}"),
+}
+
 
 @dataclass(frozen=True)
 class Concept:
-    """A concept to erase or to keep: a name (the adapter name) and its prompt (default: the name)."""
+    """A concept to erase or to keep: a name (the adapter name) and its prompts (default: the name).
+
+    `prompt` is the first of `prompts`; `Concept("vangogh", "a painting by van gogh")` and
+    `Concept("vangogh", prompts=["a painting by van gogh", "van gogh style"])` both work.
+    """
 
     name: str
-    prompt: str
+    prompt: str = ""
+    prompts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.prompts, str):
+            raise TrainingError(f"Concept.prompts must be a list of prompts, got the string {self.prompts!r}")
+        prompts = tuple(dict.fromkeys(p for p in (self.prompt, *self.prompts) if p)) or (self.name,)
+        object.__setattr__(self, "prompts", prompts)
+        object.__setattr__(self, "prompt", prompts[0])
 
     @classmethod
     def parse(cls, text: str | Concept | tuple[str, str]) -> Concept:
@@ -28,6 +46,21 @@ class Concept:
             raise TrainingError(f"concept {text!r} has an empty name; write NAME or NAME=PROMPT")
         return cls(name, prompt or name)
 
+    @classmethod
+    def from_templates(cls, name: str, kind: str, word: str | None = None) -> Concept:
+        """`name` phrased with every template of `kind` (`style` or `object`); `word` defaults to the name."""
+        if kind not in TEMPLATES:
+            raise TrainingError(f"templates must be one of {sorted(TEMPLATES)}, got {kind!r}")
+        return cls(name, prompts=tuple(t.format(word or name) for t in TEMPLATES[kind]))
+
+
+def merge_concepts(concepts: Sequence[Concept]) -> list[Concept]:
+    """Concepts that share a name become one concept with all their prompts (first-seen order)."""
+    merged: dict[str, list[str]] = {}
+    for concept in concepts:
+        merged.setdefault(concept.name, []).extend(concept.prompts)
+    return [Concept(name, prompts=tuple(prompts)) for name, prompts in merged.items()]
+
 
 def prepare_concepts(
     concepts: Sequence[str | Concept | tuple[str, str]],
@@ -35,8 +68,8 @@ def prepare_concepts(
     protected: Sequence[str],
 ) -> tuple[list[Concept], list[Concept], list[str]]:
     """Parse the concepts to erase and the known ones, and refuse sets no basis can serve."""
-    parsed = [Concept.parse(c) for c in concepts]
-    parsed_known = [Concept.parse(k) for k in (known or [])]
+    parsed = merge_concepts([Concept.parse(c) for c in concepts])
+    parsed_known = merge_concepts([Concept.parse(k) for k in (known or [])])
     protected = list(protected)
     check_concepts(parsed, parsed_known, protected)
     return parsed, parsed_known, protected
@@ -51,16 +84,18 @@ def check_concepts(concepts: list[Concept], known: list[Concept], protected: lis
     if duplicates:
         raise TrainingError(f"concept names must be unique (each is an adapter name); repeated: {duplicates}; "
                             f"a concept to erase must not also be listed as known")
-    erase_prompts = {c.prompt: c.name for c in concepts}
+    erase_prompts = {p: c.name for c in concepts for p in c.prompts}
     for other in known:
-        if other.prompt in erase_prompts:
-            raise TrainingError(f"known concept {other.name!r} has the same prompt as concept "
-                                f"{erase_prompts[other.prompt]!r} ({other.prompt!r}): its null space would "
-                                f"exclude the very prompt to erase")
-    prompts = [c.prompt for c in concepts]
+        for prompt in other.prompts:
+            if prompt in erase_prompts:
+                raise TrainingError(f"known concept {other.name!r} has the same prompt as concept "
+                                    f"{erase_prompts[prompt]!r} ({prompt!r}): its basis would "
+                                    f"exclude the very prompt to erase")
+    prompts = [p for c in concepts for p in c.prompts]
     if len(set(prompts)) != len(prompts):
         raise TrainingError(f"two concepts share a prompt: {prompts}")
     for c in concepts:
-        if not c.prompt.strip() or c.prompt in protected:
-            raise TrainingError(f"concept {c.name!r} has prompt {c.prompt!r}, which is blank or protected: "
-                                f"it cannot be erased without changing what must stay exact")
+        for prompt in c.prompts:
+            if not prompt.strip() or prompt in protected:
+                raise TrainingError(f"concept {c.name!r} has prompt {prompt!r}, which is blank or protected: "
+                                    f"it cannot be erased without changing what must stay exact")

@@ -31,6 +31,9 @@ class TrainConfig:
         guidance_scale: classifier-free guidance for the reference images.
         ddim_steps: timesteps are drawn as one of these DDIM steps, then a DDPM t inside it.
         rtol: rank tolerance of the null-space basis (None: float32 round-off).
+        max_leakage: the basis (`basis.choose_basis`): None = the exact null space while it keeps >= 1/8 of
+            the text width, else the compact basis at 1e-3; 0 = exact only; > 0 = compact with this bound on
+            each excluded prompt's share of energy in `S_p`. The measured leakage certificate is stored.
         checkpoint_every: iterations between resumable checkpoints (when a folder is given).
         concepts_per_pass: concepts per UNet pass with a graph (0: all at once, fastest; 1: lowest
             peak memory). The frozen passes stay batched; the increments are identical either way.
@@ -50,6 +53,7 @@ class TrainConfig:
     guidance_scale: float = 7.5
     ddim_steps: int = 50
     rtol: float | None = None
+    max_leakage: float | None = None
     checkpoint_every: int = 50
     concepts_per_pass: int = 0
 
@@ -60,6 +64,8 @@ class TrainConfig:
                       non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass"))
         if not 0 <= self.alpha < 1:
             raise TrainingError(f"TrainConfig.alpha must be in [0, 1), got {self.alpha!r}")
+        if self.max_leakage is not None and not 0 <= self.max_leakage < 1:
+            raise TrainingError(f"TrainConfig.max_leakage must be in [0, 1) or None, got {self.max_leakage!r}")
         if self.rtol is not None and self.rtol <= 0:
             raise TrainingError(f"TrainConfig.rtol must be > 0, got {self.rtol!r}")
 

@@ -76,8 +76,10 @@ def noise_schedule(pipe: Any) -> torch.Tensor:
 
 
 def noisy_latents(latents: torch.Tensor, generator: torch.Generator, alphas_cumprod: torch.Tensor,
-                  ddim_steps: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    """`x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` for one random reference image and timestep."""
+                  ddim_steps: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """`x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` for one random reference image and timestep.
+
+    Returns `x_t`, `t` and the index of the reference image used."""
     index = int(torch.randint(len(latents), (1,), generator=generator))
     total = len(alphas_cumprod)
     step = int(torch.randint(ddim_steps, (1,), generator=generator))  # one of the DDIM steps ...
@@ -86,7 +88,7 @@ def noisy_latents(latents: torch.Tensor, generator: torch.Generator, alphas_cump
     x0 = latents[index : index + 1]
     noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
     abar = alphas_cumprod[t].to(device=device, dtype=x0.dtype)
-    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t, index
 
 
 def gradients_finite(parameters: Iterable[torch.Tensor]) -> bool:

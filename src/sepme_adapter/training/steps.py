@@ -57,7 +57,8 @@ def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], bl
     samples = [noisy_latents(t.latents, t.generator, alphas_cumprod, config.ddim_steps, device) for t in live]
     x_t = torch.cat([s[0] for s in samples])
     timesteps = torch.tensor([s[1] for s in samples], device=device)
-    concept_text = torch.cat([t.embedding for t in live]).to(device=device, dtype=dtype)
+    # each reference image pairs with the embedding of the prompt it was made from
+    concept_text = torch.stack([t.embedding[s[2]] for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
     blank_text = blank.expand(len(live), -1, -1)
     with torch.no_grad(), runtime.per_row([None] * (2 * len(live))):
         eps_concept, eps_blank = _concept_and_blank(unet, x_t, timesteps, concept_text, blank_text).chunk(2)

@@ -1,21 +1,24 @@
 """`train_erasers`: G-CiRs (paper Alg. 1) and SepME weight decoupling (Alg. 2) from concepts to erasers.
 
 The plan: encode every prompt once, compute each concept's basis `S_p` (Eq. 8: the null space of
-the blank, known, protected and other concepts' embeddings), group the increments that train
-together, run the loop on each group, and return validated erasers with their statistics.
+the blank, known, protected and other concepts' embeddings, or the compact basis when the null space
+has no room), group the increments that train together, run the loop on each group, and return
+validated erasers with their statistics and their measured leakage certificate.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..basis import null_space_basis
+from ..basis import BasisChoice, choose_basis
+from ..certificate import leakage_certificate
 from ..eraser import Eraser
 from ..errors import TrainingError
 from ..processor import ErasureRuntime
@@ -32,19 +35,23 @@ from .track import ConceptTrack
 
 @dataclass
 class PromptTexts:
-    """Text embeddings of every prompt involved, encoded once: `c_0`, the concepts, known and protected."""
+    """Text embeddings of every prompt involved, encoded once: `c_0`, each concept's prompts, known, protected."""
 
     blank: torch.Tensor
-    concepts: dict[str, torch.Tensor]
-    known: list[torch.Tensor]
+    concepts: dict[str, torch.Tensor]  # name -> (prompts, L, d)
+    known: list[torch.Tensor]  # one (L, d) per known prompt
     protected: list[torch.Tensor]
 
     @classmethod
     def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
-        texts = encode_prompts(pipe, ["", *(c.prompt for c in concepts), *(k.prompt for k in known), *protected])
-        end = 1 + len(concepts) + len(known)
-        return cls(texts[:1], {c.name: texts[1 + i : 2 + i] for i, c in enumerate(concepts)},
-                   list(texts[1 + len(concepts) : end]), list(texts[end:]))
+        known_prompts = [p for k in known for p in k.prompts]
+        texts = encode_prompts(pipe, ["", *(p for c in concepts for p in c.prompts), *known_prompts, *protected])
+        by_concept, start = {}, 1
+        for concept in concepts:
+            by_concept[concept.name] = texts[start : start + len(concept.prompts)]
+            start += len(concept.prompts)
+        end = start + len(known_prompts)
+        return cls(texts[:1], by_concept, list(texts[start:end]), list(texts[end:]))
 
 
 @dataclass(frozen=True)
@@ -54,13 +61,18 @@ class Planned:
     index: int
     concept: Concept
     dense: bool
-    known: dict[str, str]
-    basis: torch.Tensor | None
+    known: dict[str, list[str]]
+    choice: BasisChoice | None
+
+    @property
+    def basis(self) -> torch.Tensor | None:
+        return None if self.choice is None else self.choice.basis
 
 
 def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts, mode: str,
                config: TrainConfig) -> list[Planned]:
-    """Each concept's basis `S_p` (Eq. 8); iterative mode's bases know only earlier concepts, its first is dense."""
+    """Each concept's basis `S_p` (Eq. 8, or compact); iterative mode's bases know only earlier concepts,
+    its first is dense."""
     plan = []
     for i, concept in enumerate(concepts):
         if mode == "gcirs" or (mode == "iterative" and i == 0):
@@ -68,8 +80,9 @@ def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts
             continue
         others = concepts[:i] if mode == "iterative" else [c for c in concepts if c != concept]
         rows = [texts.blank, *(texts.concepts[c.name] for c in others), *texts.known, *texts.protected]
-        excluded = {c.name: c.prompt for c in others} | {k.name: k.prompt for k in known}
-        plan.append(Planned(i, concept, False, excluded, null_space_basis(rows, rtol=config.rtol)))
+        excluded = {c.name: list(c.prompts) for c in others} | {k.name: list(k.prompts) for k in known}
+        choice = choose_basis(rows, max_leakage=config.max_leakage, rtol=config.rtol)
+        plan.append(Planned(i, concept, False, excluded, choice))
     return plan
 
 
@@ -78,7 +91,7 @@ def group_plan(plan: list[Planned], selected: list[int], mode: str) -> list[list
     iterative train every decoupled increment in one group; separate trains them one by one."""
     if mode == "gcirs" and len(plan) > 1:
         # Alg. 1 on several concepts: one dense increment shared by all, losses balanced by eta (Eq. 3).
-        shared = Concept("+".join(p.concept.name for p in plan), plan[0].concept.prompt)
+        shared = Concept("+".join(p.concept.name for p in plan), prompts=plan[0].concept.prompts)
         return [[Planned(0, shared, True, {}, None)]]
     entries = [p for p in plan if p.index in selected]
     decoupled = [p for p in entries if not p.dense]
@@ -102,6 +115,7 @@ class TrainingRun:
     config: TrainConfig
     texts: PromptTexts
     latents: dict[str, torch.Tensor]
+    pairing: dict[str, torch.Tensor]  # name -> for each reference latent, the index of its prompt
 
     @property
     def shared_dense(self) -> bool:
@@ -112,21 +126,25 @@ class TrainingRun:
         dense, config = planned.dense, self.config
         columns = None if dense else planned.basis.shape[1]
         eraser = Eraser(
-            name=planned.concept.name, prompt=planned.concept.prompt, basis=planned.basis,
-            weights=zero_weights(self.pipe, modified_layers(self.pipe.unet, dense=dense), columns),
+            name=planned.concept.name, prompt=planned.concept.prompt, prompts=list(planned.concept.prompts),
+            basis=planned.basis, weights=zero_weights(self.pipe, modified_layers(self.pipe.unet, dense=dense), columns),
             beta=1.0 if dense else config.beta,  # dense increments are the weights' change itself
             known=planned.known, protected=[] if dense else list(self.protected),
         )
         self.runtime.add(planned.concept.name, eraser, trainable=True)
         source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
         return ConceptTrack.start(planned.concept, eraser, config.gcirs_lr if dense else config.lr, planned.index,
-                                  config, self.latents[source.name], self.texts.concepts[source.name])
+                                  config, *self.images(source))
+
+    def images(self, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concept's reference latents and, for each, the embedding of the prompt it pairs with."""
+        latents, texts = self.latents[concept.name], self.texts.concepts[concept.name]
+        return latents, texts[self.pairing[concept.name]]
 
     def tracks(self, group: list[Planned]) -> list[ConceptTrack]:
         tracks = [self.track(planned) for planned in group]
         if self.shared_dense:  # one track per concept, all sharing the increment, optimiser and stop
-            tracks += [tracks[0].follower(c, self.latents[c.name], self.texts.concepts[c.name])
-                       for c in self.concepts[1:]]
+            tracks += [tracks[0].follower(c, *self.images(c)) for c in self.concepts[1:]]
         return tracks
 
     def release(self) -> None:
@@ -172,11 +190,13 @@ def run_groups(run: TrainingRun, groups: list[list[Planned]], checkpoint_root: P
     return trained
 
 
-def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any], started: float) -> Eraser:
-    """The trained eraser, detached from its optimiser, with training settings and statistics in its metadata."""
+def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any], started: float,
+                    choice: BasisChoice | None) -> Eraser:
+    """The trained eraser, detached from its optimiser, with training settings, statistics, its basis and its
+    measured leakage certificate in its metadata."""
     eraser = track.eraser
     eraser.weights = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.weights.items()}
-    concepts = [c.prompt for c in run.concepts] if run.shared_dense else [track.concept.prompt]
+    concepts = [p for c in run.concepts for p in c.prompts] if run.shared_dense else list(track.concept.prompts)
     eraser.metadata = {
         **base,
         "training": {"method": "gcirs" if eraser.basis is None else "sepme", "mode": run.mode,
@@ -193,7 +213,30 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
     }
     eraser.validate(f"trained eraser {track.concept.name!r}")
     eraser.metadata["stats"]["dtheta_p"] = eraser.dtheta_p()
+    if choice is not None:
+        eraser.metadata["basis"] = choice.describe()
+        eraser.metadata["certificate"] = leakage_certificate(run.pipe, eraser)
     return eraser
+
+
+def reference_pairs(pipe: Any, concepts: list[Concept], config: TrainConfig, user_folder: Any, cache_dir: Any,
+                    progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Reference latents per concept and, per latent, the index of the concept prompt it pairs with.
+
+    Generated images are a fair share of `images_per_concept` per prompt, each paired with its own prompt;
+    a user's images (one folder per concept) are paired with the concept's prompts in turn.
+    """
+    if user_folder is not None:
+        latents = reference_latents(pipe, concepts, config, user_folder, progress=progress)
+        return latents, {c.name: torch.arange(len(latents[c.name])) % len(c.prompts) for c in concepts}
+    latents, pairing = {}, {}
+    for concept in concepts:
+        share = replace(config, images_per_concept=math.ceil(config.images_per_concept / len(concept.prompts)))
+        parts = reference_latents(pipe, [Concept(f"{concept.name}#{i}", p) for i, p in enumerate(concept.prompts)],
+                                  share, None, cache_dir, progress=progress)
+        latents[concept.name] = torch.cat(list(parts.values()))
+        pairing[concept.name] = torch.cat([torch.full((len(v),), i) for i, v in enumerate(parts.values())])
+    return latents, pairing
 
 
 def _check_run(mode: str, shard: tuple[int, int] | None, resume: bool, checkpoint_dir: Any) -> None:
@@ -224,7 +267,8 @@ def train_erasers(
 
     Args:
         pipe: a Stable Diffusion pipeline (the base model; left unchanged).
-        concepts: what to erase: `"name"`, `"name=prompt"`, `Concept` or `(name, prompt)`.
+        concepts: what to erase: `"name"`, `"name=prompt"`, `Concept` (several prompts: `Concept(name,
+            prompts=[...])`) or `(name, prompt)`; entries with the same name are one concept with all their prompts.
         known: concepts not erased now whose prompts every basis excludes (exact restoration).
         protected: extra prompts kept exact (e.g. watermark triggers).
         mode: `simultaneous` (SepME1), `separate` (same bases, one concept at a time), `iterative`
@@ -253,10 +297,11 @@ def train_erasers(
     texts = PromptTexts.encode(pipe, concepts, known, protected)
     plan = plan_bases(concepts, known, texts, mode, config)
     base = base_model_metadata(pipe, runtime)
-    latents = reference_latents(pipe, [concepts[i] for i in selected], config, reference_images, cache_dir,
-                                progress=progress)
-    run = TrainingRun(pipe, runtime, concepts, protected, mode, config, texts, latents)
+    latents, pairing = reference_pairs(pipe, [concepts[i] for i in selected], config, reference_images, cache_dir,
+                                       progress)
+    run = TrainingRun(pipe, runtime, concepts, protected, mode, config, texts, latents, pairing)
     started = time.monotonic()
     trained = run_groups(run, group_plan(plan, selected, mode), Path(checkpoint_dir) if checkpoint_dir is not None else None,
                          resume, progress)
-    return [finished_eraser(track, run, base, started) for track in trained.values()]
+    choices = {p.concept.name: p.choice for p in plan}
+    return [finished_eraser(track, run, base, started, choices.get(name)) for name, track in trained.items()]
