@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import sepme_adapter
-from sepme_adapter import Eraser
+from sepme_adapter import Eraser, TrainingError
 from sepme_adapter.cli import main
 from sepme_adapter.pipelines import load_pipeline
 from sepme_adapter.testing import tiny_pipeline
@@ -64,3 +64,29 @@ def test_accelerate_launch_splits_concepts_across_two_cpu_processes(model_folder
         split = Eraser.load(tmp_path / f"{name}.safetensors")
         together = Eraser.load(single_process / f"{name}.safetensors")
         assert split.metadata["history"]["l_cor"] == pytest.approx(together.metadata["history"]["l_cor"], rel=1e-3)
+
+
+def test_concepts_come_from_repeated_flags_templates_and_a_csv_file(tmp_path):
+    from types import SimpleNamespace
+
+    from sepme_adapter.cli.erase import concepts_to_erase, parse_concepts
+    from sepme_adapter.training import Concept
+
+    table = tmp_path / "concepts.csv"
+    table.write_text("name,prompt\nmonet,a painting by monet\nmonet,monet style\ndog,a photo of a dog\n")
+    args = SimpleNamespace(concept=["vangogh", "picasso=a painting by picasso", "picasso=picasso style"],
+                           templates="style", concepts_file=str(table))
+    concepts = {c.name: c.prompts for c in concepts_to_erase(args)}
+    assert concepts == {
+        "vangogh": ("a painting by vangogh", "in the style of vangogh", "vangogh style", "an artwork by vangogh"),
+        "picasso": ("a painting by picasso", "picasso style"),  # explicit prompts are not templated
+        "monet": ("a painting by monet", "monet style"),
+        "dog": ("a photo of a dog",),
+    }
+    assert parse_concepts(["cat"], "object")[0] == Concept("cat", prompts=(
+        "a cat", "a photo of a cat", "a picture of a cat", "an image of a cat"))
+    table.write_text("concept,text\nx,y\n")
+    with pytest.raises(TrainingError, match="name,prompt"):
+        concepts_to_erase(SimpleNamespace(concept=None, templates=None, concepts_file=str(table)))
+    with pytest.raises(TrainingError, match="no concept to erase"):
+        concepts_to_erase(SimpleNamespace(concept=None, templates=None, concepts_file=None))

@@ -18,6 +18,7 @@ from ..errors import TrainingError
 from ..files import eraser_filename
 from ..pipelines import load_pipeline
 from ..training import MODES, Concept, TrainConfig, train_erasers, write_report
+from ..training.concepts import TEMPLATES, merge_concepts, read_concepts_csv
 from .options import add_model_options, concept_list, new_command
 
 METHODS = ("sepme", "gcirs", *BASELINE_METHODS)
@@ -27,8 +28,13 @@ def register(subparsers: Any) -> None:
     parser = new_command(subparsers, "erase", __doc__, run,
                          help="train one eraser per concept (SepME / G-CiRs / ESD / ablation / FMN / UCE)")
     add_model_options(parser)
-    parser.add_argument("--concept", action="append", required=True, metavar="NAME[=PROMPT]",
-                        help="a concept to erase (repeat, or comma-separate names)")
+    parser.add_argument("--concept", action="append", metavar="NAME[=PROMPT]",
+                        help="a concept to erase (repeat, or comma-separate names); repeating a NAME adds prompts")
+    parser.add_argument("--concepts-file", metavar="FILE.csv",
+                        help="concepts to erase from a CSV file with columns name,prompt (one row per prompt)")
+    parser.add_argument("--templates", choices=sorted(TEMPLATES),
+                        help="phrase every bare NAME (no =PROMPT) with the standard templates of this kind, e.g. "
+                             "style: 'a painting by NAME', 'in the style of NAME', 'NAME style', 'an artwork by NAME'")
     parser.add_argument("--known", action="append", metavar="NAME[=PROMPT]",
                         help="a concept kept exact by every eraser's basis (repeat, or comma-separate names)")
     parser.add_argument("--protect", action="append", metavar="PROMPT", help="an extra prompt kept exact")
@@ -73,9 +79,28 @@ def _distributed(device: str | None) -> tuple[Any, tuple[int, int] | None, str |
     return state, shard, device
 
 
+def parse_concepts(values: list[str] | None, templates: str | None) -> list[Concept]:
+    """`--concept` / `--known` values as concepts; bare names get the `--templates` phrasings."""
+    concepts = []
+    for text in concept_list(values):
+        concept = Concept.parse(text)
+        concepts.append(Concept.from_templates(concept.name, templates) if templates and "=" not in text else concept)
+    return merge_concepts(concepts)
+
+
+def concepts_to_erase(args: argparse.Namespace) -> list[Concept]:
+    concepts = parse_concepts(args.concept, args.templates)
+    if args.concepts_file:
+        concepts = merge_concepts([*concepts, *read_concepts_csv(args.concepts_file)])
+    if not concepts:
+        raise TrainingError("no concept to erase: pass --concept NAME[=PROMPT] or --concepts-file FILE.csv")
+    return concepts
+
+
 def _train(args: argparse.Namespace, pipe: Any, shard: tuple[int, int] | None, out: Path) -> list[Eraser]:
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    concepts, known, protected = concept_list(args.concept), concept_list(args.known), args.protect or []
+    concepts, protected = concepts_to_erase(args), args.protect or []
+    known = parse_concepts(args.known, args.templates)
     if args.method in ("sepme", "gcirs"):
         return train_erasers(
             pipe, concepts, known=known, protected=protected, mode="gcirs" if args.method == "gcirs" else args.mode,
@@ -108,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
         state.wait_for_everyone()
         if not state.is_main_process:
             return 0
-        erasers = [Eraser.load(out / eraser_filename(Concept.parse(c).name)) for c in concept_list(args.concept)]
+        erasers = [Eraser.load(out / eraser_filename(c.name)) for c in concepts_to_erase(args)]
     json_path, png_path = write_report(erasers, out)
     print(f"report: {json_path}, {png_path}")
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import TrainingError
 
@@ -52,6 +54,21 @@ class Concept:
         if kind not in TEMPLATES:
             raise TrainingError(f"templates must be one of {sorted(TEMPLATES)}, got {kind!r}")
         return cls(name, prompts=tuple(t.format(word or name) for t in TEMPLATES[kind]))
+
+
+def read_concepts_csv(path: str | Path) -> list[Concept]:
+    """Concepts from a CSV file with columns `name,prompt` (a header row; repeated names add prompts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"concepts file {str(path)!r} does not exist")
+    with open(path, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows or not {"name", "prompt"} <= set(rows[0]):
+        raise TrainingError(f"{path}: expected a CSV file with a header row 'name,prompt' and one row per prompt")
+    bad = [i + 2 for i, row in enumerate(rows) if not (row["name"] or "").strip() or not (row["prompt"] or "").strip()]
+    if bad:
+        raise TrainingError(f"{path}: rows {bad} have an empty name or prompt")
+    return merge_concepts([Concept(row["name"].strip(), row["prompt"].strip()) for row in rows])
 
 
 def merge_concepts(concepts: Sequence[Concept]) -> list[Concept]:
