@@ -49,6 +49,23 @@ def make_eraser(
     )
 
 
+def make_rank_eraser(pipe, name: str, rank: int, seed: int = 0, stored: bool = False, **kwargs) -> sepme_adapter.Eraser:
+    """A rank-r eraser on the pipeline's real null space: random `A` (r x m) and `B` (d_out x r) per layer.
+
+    `stored`: as read back from its file (`A S_p^T` per layer, no basis) rather than as training leaves it."""
+    full = make_eraser(pipe, name, seed=seed, **kwargs)
+    generator = torch.Generator().manual_seed(1000 + seed)
+    m = full.basis.shape[1]
+    down = {layer: torch.randn(rank, m, generator=generator) / m**0.5 for layer in sorted(full.weights)}
+    weights = {layer: torch.randn(w.shape[0], rank, generator=generator) * 2000.0 * m**0.5
+               for layer, w in sorted(full.weights.items())}
+    eraser = sepme_adapter.Eraser(
+        name=name, prompt=full.prompt, basis=full.basis, weights=weights, down=down, beta=full.beta,
+        known=full.known, protected=full.protected, metadata=full.metadata,
+    )
+    return sepme_adapter.Eraser.from_state_dict(eraser.state_dict(), eraser.header()) if stored else eraser
+
+
 def generate(pipe, prompt: str, seed: int = 0, steps: int = 3):
     generator = torch.Generator().manual_seed(seed)
     return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="np").images

@@ -5,6 +5,11 @@ text embeddings), one trainable `w` per modified linear layer (`to_k` / `to_v` o
 `attn2`), `beta`, and what the basis excludes (`known` concepts, `protected` prompts).
 Files are safetensors: tensors `basis` and `<module path>.w`, metadata as JSON strings.
 Dense erasers (`basis=None`: G-CiRs and the baselines) store full `d_out x d_in` matrices.
+
+A rank-r eraser factors `w = B @ A` per layer (`B` d_out x r, `A` r x m): `dW = beta * B @ (A S_p^T)`,
+an ordinary LoRA whose down-projection `A S_p^T` has its rows in the null space, so it keeps the
+exactness of the full `w`. Its file holds `<module path>.down` (`A S_p^T`, r x d_in) and `.w` (`B`)
+per layer, and no basis: a few hundred kB at SD v1.5 shape instead of ~35 MB.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import torch
 from .errors import EraserFileError
 from .formats import (
     BASIS_KEY,
+    DOWN_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
+    RANK_FORMAT_VERSION,
+    READABLE_VERSIONS,
     WEIGHT_SUFFIX,
     atomic_save_safetensors,
     eraser_from_lora,
     is_sepme_lora,
+    layer_downs,
     layer_weights,
     lora_from_eraser,
     read_safetensors,
@@ -36,7 +45,8 @@ from .unet import DENSE_LAYERS, SEPARABLE_LAYERS
 
 @dataclass
 class Eraser:
-    """One erased concept: `delta(layer) = beta * weights[layer] @ basis.T` (Eq. 10).
+    """One erased concept: `delta(layer) = beta * weights[layer] @ basis.T` (Eq. 10); rank r:
+    `beta * weights[layer] @ down_projection(layer)`.
 
     Args:
         name: the concept's name (the default adapter name when loaded).
@@ -49,6 +59,9 @@ class Eraser:
         metadata: free-form JSON-able dict: `base_model`, `fingerprint`, `training`, `stats`, `basis`
             (kind, dimensions, energy bound) and `certificate` (the measured leakage, see `certificate.py`).
         prompts: every prompt of the concept the increment was trained to erase (default `[prompt]`).
+        down: rank-r erasers only: per layer the LoRA down-projection, `A` (r x m, basis coordinates) with
+            a `basis`, or `A S_p^T` (r x d_in, as stored in files) with `basis=None`; `weights[layer]` is
+            then `B` (d_out x r). Empty (the default): full rank.
 
     Example:
         >>> eraser = Eraser.load("vangogh.safetensors")
@@ -65,6 +78,7 @@ class Eraser:
     protected: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
+    down: dict[str, torch.Tensor] = field(default_factory=dict)
     source: InitVar[str] = "eraser"  # names the file in validation errors; not stored
 
     def __post_init__(self, source: str) -> None:
@@ -73,21 +87,40 @@ class Eraser:
     # ----------------------------------------------------------------- the math
     @property
     def separable(self) -> bool:
-        """True for weight-decoupled increments (a basis excludes the known prompts)."""
-        return self.basis is not None
+        """True for weight-decoupled increments (a basis, or rank-r down-projections in it, excludes the
+        known prompts)."""
+        return self.basis is not None or bool(self.down)
+
+    @property
+    def rank(self) -> int | None:
+        """r of a rank-r eraser (the largest over its layers); None for full-rank and dense erasers."""
+        return max(int(a.shape[0]) for a in self.down.values()) if self.down else None
 
     @property
     def text_width(self) -> int:
         """`d_in` of `to_k` / `to_v`: the text encoder's width."""
         if self.basis is not None:
             return int(self.basis.shape[0])
+        if self.down:
+            return int(next(iter(self.down.values())).shape[1])
         return int(next(w.shape[1] for p, w in self.weights.items() if p.endswith(SEPARABLE_LAYERS)))
 
+    def down_projection(self, layer_path: str) -> torch.Tensor:
+        """A rank-r layer's LoRA down-projection `A S_p^T` (r x d_in; rows in the null space), detached,
+        in the dtype of `A`."""
+        down = self.down[layer_path].detach()
+        if self.basis is None:
+            return down
+        return (down.double() @ self.basis.detach().double().T).to(down.dtype)
+
     def delta(self, layer_path: str) -> torch.Tensor:
-        """The increment of one layer in `nn.Linear.weight` layout: `beta * w @ S_p.T` (Eq. 10)."""
+        """The increment of one layer in `nn.Linear.weight` layout: `beta * w @ S_p.T` (Eq. 10); rank r:
+        `beta * B @ (A S_p^T)`."""
         if layer_path not in self.weights:
             raise KeyError(f"eraser {self.name!r} has no increment for {layer_path!r}; it has {sorted(self.weights)}")
         w = self.weights[layer_path].detach().float()
+        if self.down:
+            return self.beta * (w @ self.down_projection(layer_path).float())
         if self.basis is None:
             return self.beta * w
         return self.beta * (w @ self.basis.detach().float().T)
@@ -155,7 +188,7 @@ class Eraser:
                 fail(f"basis must be d_in x m with 1 <= m <= d_in, got shape {tuple(self.basis.shape)}")
         if not isinstance(self.weights, dict) or not self.weights:
             fail("weights is empty: an eraser needs at least one layer increment")
-        allowed = SEPARABLE_LAYERS if self.basis is not None else DENSE_LAYERS
+        allowed = SEPARABLE_LAYERS if self.separable else DENSE_LAYERS
         for path, w in self.weights.items():
             if not isinstance(path, str) or not path.endswith(allowed):
                 fail(f"layer {path!r} is not one of the layers a {'separable' if self.separable else 'dense'} "
@@ -163,8 +196,30 @@ class Eraser:
             self._check_tensor(w, path, fail)
             if w.ndim != 2:
                 fail(f"{path}: w must be 2-D, got shape {tuple(w.shape)}")
+            if self.down:
+                continue  # checked with the down-projections below
             if self.basis is not None and w.shape[1] != self.basis.shape[1]:
                 fail(f"{path}: w has {w.shape[1]} columns but the basis has {self.basis.shape[1]} (m must match)")
+        if self.down:
+            self._validate_down(fail)
+
+    def _validate_down(self, fail) -> None:
+        """Rank r: one `A` per layer, chaining with `B`, in basis coordinates (with a basis) or d_in wide."""
+        if not isinstance(self.down, dict) or set(self.down) != set(self.weights):
+            fail(f"a rank-r eraser needs one down-projection per layer; layers without one: "
+                 f"{sorted(set(self.weights) - set(self.down))}, without w: {sorted(set(self.down) - set(self.weights))}")
+        width = int(self.basis.shape[1]) if self.basis is not None else None
+        for path, down in self.down.items():
+            self._check_tensor(down, f"{path}{DOWN_SUFFIX}", fail)
+            if down.ndim != 2 or down.shape[0] < 1:
+                fail(f"{path}: the down-projection must be r x {'m' if width else 'd_in'}, got {tuple(down.shape)}")
+            width = int(down.shape[1]) if width is None else width
+            if down.shape[1] != width:
+                fail(f"{path}: the down-projection has {down.shape[1]} columns, expected {width} "
+                     f"({'the basis dimension m' if self.basis is not None else 'the text width, as every layer'})")
+            if self.weights[path].shape[1] != down.shape[0]:
+                fail(f"{path}: w has {self.weights[path].shape[1]} columns but the down-projection has rank "
+                     f"{down.shape[0]} (r must match)")
 
     @staticmethod
     def _check_tensor(t: Any, what: str, fail) -> None:
@@ -180,7 +235,7 @@ class Eraser:
         """The safetensors metadata (JSON strings) written with the tensors."""
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": RANK_FORMAT_VERSION if self.down else FORMAT_VERSION,
             "name": self.name,
             "prompt": self.prompt,
             "kind": "separable" if self.separable else "dense",
@@ -189,21 +244,26 @@ class Eraser:
             "known": json.dumps(self.known),
             "protected": json.dumps(self.protected),
             "text_width": str(self.text_width),
+            **({"rank": str(self.rank)} if self.down else {}),
             "base_model": str(self.metadata.get("base_model", "")),
             "dtheta_p": repr(self.dtheta_p()),
             "metadata": json.dumps(self.metadata, default=str),
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors as stored in the file: `basis` and `<layer path>.w`."""
+        """Tensors as stored in the file: `basis` and `<layer path>.w`; rank r: `<layer path>.down`
+        (`A S_p^T`) and `.w` (`B`), no basis."""
         tensors = {f"{path}{WEIGHT_SUFFIX}": w.detach().cpu().contiguous() for path, w in self.weights.items()}
-        if self.basis is not None:
+        if self.down:
+            tensors.update({f"{path}{DOWN_SUFFIX}": self.down_projection(path).cpu().contiguous()
+                            for path in self.down})
+        elif self.basis is not None:
             tensors[BASIS_KEY] = self.basis.detach().cpu().contiguous()
         return tensors
 
     def to_lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The increment as a standard diffusers LoRA: `unet.<layer>.lora_A.weight = S_p^T`, `.lora_B.weight =
-        beta * w` (scale 1), for `pipe.load_lora_weights(state_dict, adapter_name=...)`; see `hub.save_lora`."""
+        """The increment as a standard diffusers LoRA: `unet.<layer>.lora_A.weight = S_p^T` (rank r: `A S_p^T`),
+        `.lora_B.weight = beta * w` (scale 1), for `pipe.load_lora_weights(state_dict, adapter_name=...)`; see `hub.save_lora`."""
         self.validate()
         return lora_from_eraser(self.state_dict(), self.header())[0]
 
@@ -243,9 +303,9 @@ class Eraser:
                     "pipe.load_lora_weights." if any("lora" in k for k in tensors) else "")
             raise fail(f"not a SepME eraser (metadata 'format' is {header.get('format')!r}, "
                        f"expected {FORMAT_NAME!r}).{hint}")
-        if header.get("format_version") != FORMAT_VERSION:
+        if header.get("format_version") not in READABLE_VERSIONS:
             raise fail(f"unknown format version {header.get('format_version')!r}; this sepme-adapter reads "
-                       f"version {FORMAT_VERSION}. Upgrade sepme-adapter to read newer files.")
+                       f"versions {', '.join(READABLE_VERSIONS)}. Upgrade sepme-adapter to read newer files.")
         for key in ("name", "prompt", "kind", "beta", "known", "protected", "metadata"):
             if key not in header:
                 raise fail(f"metadata field {key!r} is missing")
@@ -261,17 +321,22 @@ class Eraser:
             raise fail("metadata field 'metadata' must be a JSON object")
         if not isinstance(known, dict) or not isinstance(protected, list):
             raise fail("metadata 'known' must be a JSON object and 'protected' a JSON list")
-        basis = tensors.get(BASIS_KEY)
-        if header["kind"] == "separable" and basis is None:
-            raise fail("a separable eraser must store its basis tensor 'basis'")
+        basis, downs = tensors.get(BASIS_KEY), layer_downs(tensors)
+        if header["kind"] == "separable" and basis is None and not downs:
+            raise fail("a separable eraser must store its basis tensor 'basis' (or, rank r, '<layer path>.down')")
+        if downs and (basis is not None or header["kind"] != "separable"):
+            raise fail("a rank-r eraser stores '<layer path>.down' and '.w' only (no basis) and is separable")
         if header["kind"] not in ("separable", "dense"):
             raise fail(f"unknown eraser kind {header['kind']!r}")
-        unexpected = [key for key in tensors if key != BASIS_KEY and not key.endswith(WEIGHT_SUFFIX)]
+        unexpected = [key for key in tensors
+                      if key != BASIS_KEY and not key.endswith((WEIGHT_SUFFIX, DOWN_SUFFIX))]
         if unexpected:
             raise fail(f"unexpected tensor {unexpected[0]!r} (expected 'basis' and '<layer path>.w')")
         eraser = cls(name=header["name"], prompt=header["prompt"], basis=basis, weights=layer_weights(tensors),
                      beta=beta, known=known, protected=protected, metadata=metadata, prompts=prompts,
-                     source=source)
+                     down=downs, source=source)
+        if "rank" in header and header["rank"] != str(eraser.rank):
+            raise fail(f"metadata rank {header['rank']} does not match the tensors ({eraser.rank})")
         if "text_width" in header and header["text_width"] != str(eraser.text_width):
             raise fail(f"metadata text_width {header['text_width']} does not match the tensors ({eraser.text_width})")
         return eraser

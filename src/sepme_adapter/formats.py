@@ -4,12 +4,19 @@ Pure state-dict <-> state-dict functions; nothing here knows the `Eraser` class.
 
 An eraser's state dict is `basis` (`S_p`, d_in x m; absent for dense increments) plus
 `<layer path>.w` per modified layer, with its header (metadata strings, `beta` among them).
+A rank-r eraser stores no basis: per layer `<layer path>.down` (`A S_p^T`, r x d_in, rows in the
+null space) and `<layer path>.w` (`B`, d_out x r), so `dW = beta * B @ (A S_p^T)`.
 A SepME increment (paper Eq. 10) `dW = beta * w @ S_p^T` is exactly a LoRA whose down-projection
 is fixed: `lora_A = S_p^T` (m x d_in) and `lora_B = beta * w` (d_out x m), scale 1
 (`lora_alpha = r`). `beta` sits in `lora_B` rather than in `lora_A` so no factor is ~1e-5 small:
 fp16 keeps both factors at full precision. The eraser's header travels in the export under the
 safetensors metadata key `sepme_eraser`, so `load_sepme` reads exports too. Dense increments
-export as exact full-rank LoRAs (one factor the identity, `beta * w` the other).
+export as exact full-rank LoRAs (one factor the identity, `beta * w` the other); rank-r erasers as
+the LoRA they are (`lora_A = A S_p^T`, `lora_B = beta * B`).
+
+The kohya / `lora_unet_...` layout that ComfyUI and Automatic1111 load (`kohya_from_lora`) names each
+layer `lora_unet_<diffusers module path, dots as underscores>` with `.lora_down.weight` (= lora_A),
+`.lora_up.weight` (= lora_B) and `.alpha` (= r, so the scale `alpha / r` is 1).
 """
 
 from __future__ import annotations
@@ -22,23 +29,30 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from .errors import EraserFileError
 
 FORMAT_NAME = "sepme-eraser"
 FORMAT_VERSION = "1"
+RANK_FORMAT_VERSION = "2"  # rank-r erasers (`.down` tensors, no basis); full-rank files stay version 1
+READABLE_VERSIONS = (FORMAT_VERSION, RANK_FORMAT_VERSION)
 BASIS_KEY = "basis"
 WEIGHT_SUFFIX = ".w"
+DOWN_SUFFIX = ".down"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 FILE_MODE = 0o644  # like any file a user saves (mkstemp would leave 0600)
 
 SEPME_LORA_KEY = "sepme_eraser"  # safetensors metadata key holding the eraser's header (JSON)
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key: LoraConfig arguments (JSON)
-LORA_LAYOUT = "sepme-lora-v1"  # separable: A = S_p^T, B = beta * w; dense: A @ B = beta * w
+LORA_LAYOUT = "sepme-lora-v1"  # separable: A = S_p^T (rank r: A S_p^T), B = beta * w; dense: A @ B = beta * w
+KOHYA_LAYOUT = "sepme-kohya-v1"  # the same factors under kohya key names
 UNET_PREFIX = "unet."
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+KOHYA_PREFIX = "lora_unet_"
+KOHYA_SUFFIXES = {".lora_down.weight": "lora_A", ".lora_up.weight": "lora_B"}
+KOHYA_ALPHA = ".alpha"
 
 StateDict = dict[str, torch.Tensor]
 Header = dict[str, str]
@@ -95,9 +109,19 @@ def read_safetensors(path: str | os.PathLike) -> tuple[StateDict, Header]:
 
 
 # ------------------------------------------------------------------ LoRA layout
+def serialized_size(tensors: StateDict, header: Header) -> int:
+    """The size in bytes of the safetensors file these tensors and header make (what `save` writes)."""
+    return len(save(tensors, metadata=header))
+
+
 def layer_weights(tensors: StateDict) -> dict[str, torch.Tensor]:
-    """`<layer path>` -> `w` from an eraser state dict (every key but the basis)."""
-    return {key[: -len(WEIGHT_SUFFIX)]: t for key, t in tensors.items() if key != BASIS_KEY}
+    """`<layer path>` -> `w` from an eraser state dict (`B` of a rank-r eraser)."""
+    return {key[: -len(WEIGHT_SUFFIX)]: t for key, t in tensors.items() if key.endswith(WEIGHT_SUFFIX)}
+
+
+def layer_downs(tensors: StateDict) -> dict[str, torch.Tensor]:
+    """`<layer path>` -> the down-projection `A S_p^T` (r x d_in) of a rank-r eraser state dict (empty: full rank)."""
+    return {key[: -len(DOWN_SUFFIX)]: t for key, t in tensors.items() if key.endswith(DOWN_SUFFIX)}
 
 
 def lora_factors(w: torch.Tensor, beta: float, basis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,11 +141,15 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
 
     With `lora_alpha == r` per layer (recorded in `lora_adapter_metadata`) the LoRA adds exactly `dW`.
     """
-    beta, basis = float(header["beta"]), tensors.get(BASIS_KEY)
+    beta, basis, downs = float(header["beta"]), tensors.get(BASIS_KEY), layer_downs(tensors)
     lora: StateDict = {}
     ranks: dict[str, int] = {}
     for layer_path, w in sorted(layer_weights(tensors).items()):
-        lora_a, lora_b = lora_factors(w, beta, basis)
+        if layer_path in downs:  # rank r: already a LoRA, `A S_p^T` and `beta * B`
+            lora_a = downs[layer_path].detach().cpu().contiguous()
+            lora_b = (beta * w.detach().cpu().float()).to(w.dtype).contiguous()
+        else:
+            lora_a, lora_b = lora_factors(w, beta, basis)
         lora[f"{UNET_PREFIX}{layer_path}.lora_A.weight"] = lora_a
         lora[f"{UNET_PREFIX}{layer_path}.lora_B.weight"] = lora_b
         ranks[layer_path] = int(lora_a.shape[0])
@@ -135,6 +163,55 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
         SEPME_LORA_KEY: json.dumps({**header, "lora_layout": LORA_LAYOUT}),
     }
     return lora, lora_header
+
+
+def kohya_name(layer_path: str) -> str:
+    """The kohya / ComfyUI / Automatic1111 name of a UNet layer: `lora_unet_` + its diffusers path, dots as `_`."""
+    return KOHYA_PREFIX + layer_path.replace(".", "_")
+
+
+def kohya_from_lora(lora: StateDict, lora_header: Header) -> tuple[StateDict, Header]:
+    """A `lora_from_eraser` export in the kohya layout: `lora_unet_<layer>.lora_down.weight` (= lora_A),
+    `.lora_up.weight` (= lora_B) and `.alpha` = r (a 0-d tensor: scale `alpha / r` = 1, as in ComfyUI,
+    Automatic1111 and diffusers' kohya conversion). Only those keys, so no loader warns of a stray one.
+    The eraser's header rides along (`sepme_eraser`, with the layer paths) so `load_sepme` reads it back."""
+    pairs = _lora_pairs(lora, lambda problem: EraserFileError(f"LoRA export: {problem}"))
+    kohya: StateDict = {}
+    for layer_path, pair in sorted(pairs.items()):
+        name = kohya_name(layer_path)
+        kohya[f"{name}.lora_down.weight"] = pair["lora_A"].contiguous()
+        kohya[f"{name}.lora_up.weight"] = pair["lora_B"].contiguous()
+        kohya[f"{name}{KOHYA_ALPHA}"] = torch.tensor(float(pair["lora_A"].shape[0]), dtype=pair["lora_A"].dtype)
+    sepme = json.loads(lora_header[SEPME_LORA_KEY])
+    ranks = sorted({int(pair["lora_A"].shape[0]) for pair in pairs.values()})
+    header = {
+        "format": "pt",
+        "ss_network_module": "networks.lora",  # what kohya's sd-scripts writes; UIs show these
+        "ss_network_dim": str(ranks[-1]),
+        "ss_network_alpha": str(ranks[-1]),
+        SEPME_LORA_KEY: json.dumps({**sepme, "lora_layout": KOHYA_LAYOUT, "layers": json.dumps(sorted(pairs))}),
+    }
+    return kohya, header
+
+
+def lora_from_kohya(kohya: StateDict, layers: list[str], fail: Any) -> StateDict:
+    """The inverse of `kohya_from_lora` (PEFT key names), given the layer paths; refuses stray keys and alpha != r."""
+    paths = {kohya_name(path): path for path in layers}
+    lora: StateDict = {}
+    for key, tensor in kohya.items():
+        suffix = next((s for s in (*KOHYA_SUFFIXES, KOHYA_ALPHA) if key.endswith(s)), None)
+        base = key[: -len(suffix)] if suffix else key
+        if base not in paths:
+            raise fail(f"unexpected tensor {key!r} in a SepME kohya export (expected "
+                       f"'lora_unet_<layer>.lora_down.weight' / '.lora_up.weight' / '.alpha')")
+        if suffix == KOHYA_ALPHA:
+            down = kohya.get(f"{base}.lora_down.weight")
+            if down is None or float(tensor) != float(down.shape[0]):
+                raise fail(f"{key}: alpha {float(tensor)} is not the rank; the export adds exactly dW only "
+                           f"with alpha == r (re-export the eraser)")
+            continue
+        lora[f"{UNET_PREFIX}{paths[base]}.{KOHYA_SUFFIXES[suffix]}.weight"] = tensor
+    return lora
 
 
 def is_sepme_lora(header: Header) -> bool:
@@ -155,9 +232,15 @@ def eraser_from_lora(tensors: StateDict, header: Header, source: str = "eraser")
     if not isinstance(sepme, dict) or not all(isinstance(v, str) for v in sepme.values()):
         raise fail(f"the metadata {SEPME_LORA_KEY!r} must be a JSON object of strings")
     layout = sepme.pop("lora_layout", None)
-    if layout != LORA_LAYOUT:
-        raise fail(f"unknown SepME LoRA layout {layout!r} (this sepme-adapter reads {LORA_LAYOUT!r}); "
-                   f"upgrade sepme-adapter")
+    if layout == KOHYA_LAYOUT:
+        try:
+            layers = json.loads(sepme.pop("layers"))
+        except (KeyError, ValueError, TypeError):
+            raise fail("the kohya export's SepME metadata has no layer list; re-export the eraser") from None
+        tensors = lora_from_kohya(tensors, layers, fail)
+    elif layout != LORA_LAYOUT:
+        raise fail(f"unknown SepME LoRA layout {layout!r} (this sepme-adapter reads {LORA_LAYOUT!r} and "
+                   f"{KOHYA_LAYOUT!r}); upgrade sepme-adapter")
     try:
         beta = float(sepme["beta"])
     except (KeyError, ValueError):
@@ -166,6 +249,12 @@ def eraser_from_lora(tensors: StateDict, header: Header, source: str = "eraser")
         raise fail(f"beta must be positive, got {beta}")
     factors = _lora_pairs(tensors, fail)
     state: StateDict = {}
+    if sepme.get("rank"):  # rank r: lora_A is the layer's down-projection A S_p^T, lora_B = beta * B
+        for path, pair in factors.items():
+            lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+            state[f"{path}{DOWN_SUFFIX}"] = lora_a.contiguous()
+            state[f"{path}{WEIGHT_SUFFIX}"] = (lora_b.double() / beta).to(lora_b.dtype).contiguous()
+        return state, sepme
     separable = sepme.get("kind") == "separable"
     first_a = next(iter(factors.values()))["lora_A"]
     for path, pair in factors.items():

@@ -4,7 +4,9 @@ An exported eraser is a plain diffusers LoRA (`formats.lora_from_eraser`: `lora_
 `lora_B = beta * w`, scale 1), so diffusers loads it with `pipe.load_lora_weights(file,
 adapter_name=...)`, sums several with `pipe.set_adapters([...])` and switches them off with
 `pipe.disable_lora()`; `load_sepme` reads the exports too. Dense erasers (G-CiRs and the
-baselines) export as exact full-rank LoRAs; they carry no separation guarantee.
+baselines) export as exact full-rank LoRAs; they carry no separation guarantee. Rank-r erasers
+export as the rank-r LoRA they are (`lora_A = A S_p^T`). `format="kohya"` writes the same factors
+under the `lora_unet_...` names (`lora_down` / `lora_up` / `alpha`) that ComfyUI and Automatic1111 load.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from .eraser import Eraser
 from .errors import EraserFileError
 from .files import eraser_filename
-from .formats import SEPME_LORA_KEY, atomic_save_safetensors
+from .formats import SEPME_LORA_KEY, atomic_save_safetensors, kohya_from_lora, serialized_size
 
 LORA_FOLDER = "lora"  # where push_to_hub puts the plain-diffusers exports inside a repo
+LORA_FORMATS = ("diffusers", "kohya")  # PEFT `unet.<layer>.lora_A.weight`; kohya `lora_unet_<layer>.lora_down.weight`
 LIBRARY_NAME = "sepme-adapter"
 TAGS = ["sepme", "concept-erasure", "diffusers", "lora", "text-to-image"]
 
@@ -32,19 +35,36 @@ ErasersOrPaths = Eraser | str | os.PathLike | Iterable[Eraser | str | os.PathLik
 
 
 # ------------------------------------------------------------------ LoRA export
-def save_lora(eraser: Eraser, path: str | os.PathLike) -> Path:
+def lora_state_dict(eraser: Eraser, format: str = "diffusers") -> tuple[dict[str, Any], dict[str, str]]:
+    """The eraser's standard-LoRA tensors and header in `format` (`"diffusers"` or `"kohya"`)."""
+    if format not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
+    tensors, header = eraser.to_lora()
+    return kohya_from_lora(tensors, header) if format == "kohya" else (tensors, header)
+
+
+def save_lora(eraser: Eraser, path: str | os.PathLike, format: str = "diffusers") -> Path:
     """Write the eraser as one standard LoRA `.safetensors` file (atomic, like `Eraser.save`).
+
+    `format="diffusers"`: PEFT keys (`unet.<layer>.lora_A.weight`); `"kohya"`: `lora_unet_<layer>.lora_down.weight`
+    / `.lora_up.weight` / `.alpha`, for ComfyUI's and Automatic1111's LoRA loaders. Both add exactly `dW`.
 
     Example:
         >>> save_lora(Eraser.load("picasso.safetensors"), "lora/picasso.safetensors")
         >>> pipe.load_lora_weights("lora/picasso.safetensors", adapter_name="picasso")  # plain diffusers
+        >>> save_lora(Eraser.load("picasso.safetensors"), "ComfyUI/models/loras/picasso.safetensors", format="kohya")
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"LoRA exports are .safetensors files; got {str(path)!r}")
-    tensors, header = eraser.to_lora()
+    tensors, header = lora_state_dict(eraser, format)
     atomic_save_safetensors(tensors, path, header)
     return path
+
+
+def file_size(eraser: Eraser) -> int:
+    """The size in bytes of the eraser's own `.safetensors` file (`Eraser.save`)."""
+    return serialized_size(eraser.state_dict(), eraser.header())
 
 
 # ------------------------------------------------------------------ gathering erasers
@@ -71,8 +91,11 @@ def _gather(erasers_or_paths: ErasersOrPaths) -> list[tuple[str, Eraser, Path | 
     return entries
 
 
-def export_lora(erasers_or_paths: ErasersOrPaths, output: str | os.PathLike) -> list[Path]:
-    """Write each eraser as a standard diffusers LoRA file; `output` is a folder, or a file for one eraser.
+def export_lora(erasers_or_paths: ErasersOrPaths, output: str | os.PathLike, format: str = "diffusers") -> list[Path]:
+    """Write each eraser as a standard LoRA file; `output` is a folder, or a file for one eraser.
+
+    `format`: `"diffusers"` (PEFT keys, `pipe.load_lora_weights`) or `"kohya"` (ComfyUI, Automatic1111;
+    diffusers loads these too).
 
     Example:
         >>> export_lora(["vangogh.safetensors", "picasso.safetensors"], "lora")
@@ -91,7 +114,9 @@ def export_lora(erasers_or_paths: ErasersOrPaths, output: str | os.PathLike) -> 
         if source is not None and target.exists() and target.resolve() == source.resolve():
             raise ValueError(f"exporting {str(source)!r} to {str(target)!r} would overwrite the eraser itself; "
                              f"choose another output folder")
-    return [save_lora(eraser, target) for (_, eraser, _), target in zip(entries, targets)]
+    if format not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
+    return [save_lora(eraser, target, format) for (_, eraser, _), target in zip(entries, targets)]
 
 
 # ------------------------------------------------------------------ model card
@@ -122,6 +147,10 @@ def _flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 10_000 else f"{size / 1e3:.1f} kB"
 
 
 def _table(mapping: dict[str, Any], heading: str) -> list[str]:
@@ -162,20 +191,24 @@ def model_card(
         "(exact basis) or move by at most the eraser's leakage certificate (compact basis: the largest "
         "relative change of any cross-attention key or value over those prompts, measured after training).",
         "", "## Concepts", "",
-        "| concept | file | prompts | known concepts (kept exact) | protected prompts | kind | basis | "
-        "leakage certificate | beta | ‖dθ‖ₚ |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| concept | file | prompts | known concepts (kept exact) | protected prompts | kind | basis | rank | "
+        "file size | leakage certificate | beta | ‖dθ‖ₚ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for file_name, e in entries:
         basis = e.metadata.get("basis") or {}
         certificate = "not measured" if e.certificate is None else f"{e.certificate:.2e}"
         lines.append(f"| {_cell(e.name)} | `{file_name}` | {_cell('; '.join(e.prompts))} | "
                      f"{_cell(', '.join(e.known) or '-')} | {_cell(', '.join(e.protected) or '-')} | "
-                     f"{'separable' if e.separable else 'dense'} | {_cell(basis.get('kind', '-'))} | {certificate} | "
-                     f"{e.beta:g} | {e.dtheta_p():.4g} |")
+                     f"{'separable' if e.separable else 'dense'} | {_cell(basis.get('kind', '-'))} | "
+                     f"{e.rank or 'full'} | {_megabytes(file_size(e))} | {certificate} | {e.beta:g} | "
+                     f"{e.dtheta_p():.4g} |")
     lines.append("")
     for file_name, e in entries:
-        lines += [f"### {e.name}", "", f"- file: `{file_name}`", *(f"- prompt: {p!r}" for p in e.prompts),
+        certificate = "not measured" if e.certificate is None else f"{e.certificate:.2e}"
+        lines += [f"### {e.name}", "", f"- file: `{file_name}`",
+                  f"- rank {e.rank or 'full'}, file size {_megabytes(file_size(e))}, leakage certificate {certificate}",
+                  *(f"- prompt: {p!r}" for p in e.prompts),
                   f"- base model: {e.metadata.get('base_model') or 'unknown'}"]
         lines += [f"- known concept {k!r}: {'; '.join(map(repr, ps))}" for k, ps in e.known.items()]
         lines += [f"- protected prompt: {p!r}" for p in e.protected]
@@ -204,8 +237,9 @@ def model_card(
         erase = json.dumps([e.name for _, e in exported[:2]])
         lines += [
             "## Usage with plain diffusers (no sepme-adapter)", "",
-            f"`{LORA_FOLDER}/` holds the same erasers as standard LoRA files: `lora_A = S_p^T`, "
-            "`lora_B = beta * w`, scale 1, so the LoRA adds exactly the SepME increment.", "",
+            f"`{LORA_FOLDER}/` holds the same erasers as standard LoRA files: `lora_A = S_p^T` (rank r: "
+            "`A S_p^T`), `lora_B = beta * w`, scale 1, so the LoRA adds exactly the SepME increment. For "
+            "ComfyUI / Automatic1111, convert with `sepme export-lora --format kohya`.", "",
             "```python",
             "from diffusers import StableDiffusionPipeline", "", *base_note,
             f"pipe = StableDiffusionPipeline.from_pretrained({base!r})",
@@ -293,4 +327,5 @@ def push_to_hub(
     return api.create_commit(repo_id, operations, commit_message=message, revision=revision)
 
 
-__all__ = ["SEPME_LORA_KEY", "export_lora", "model_card", "push_to_hub", "save_lora"]
+__all__ = ["LORA_FORMATS", "SEPME_LORA_KEY", "export_lora", "file_size", "lora_state_dict", "model_card",
+           "push_to_hub", "save_lora"]

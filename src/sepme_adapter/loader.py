@@ -101,7 +101,10 @@ class SepMELoaderMixin:
                     f"another architecture (base model {eraser.metadata.get('base_model', 'unknown')!r})"
                 ) from None
             d_out, d_in = linear.weight.shape
-            expected = (d_out, eraser.basis.shape[1]) if eraser.separable else (d_out, d_in)
+            if eraser.down:  # rank r: B is d_out x r
+                expected = (d_out, int(eraser.down[layer_path].shape[0]))
+            else:
+                expected = (d_out, eraser.basis.shape[1]) if eraser.separable else (d_out, d_in)
             if tuple(w.shape) != expected:
                 raise BaseModelMismatchError(
                     f"{source}: {layer_path} has w of shape {tuple(w.shape)}, this UNet needs {expected}; "
@@ -247,7 +250,7 @@ class SepMELoaderMixin:
         return [] if runtime is None else list(runtime.active)
 
     def list_sepme(self) -> dict[str, dict[str, Any]]:
-        """Every loaded eraser: its prompts, known concepts, protected prompts, basis, leakage certificate
+        """Every loaded eraser: its prompts, known concepts, protected prompts, basis, rank (None: full), leakage certificate
         (the largest relative K/V change it causes on the prompts it keeps; None if never measured) and state."""
         runtime = self._sepme()
         if runtime is None:
@@ -256,7 +259,7 @@ class SepMELoaderMixin:
             name: {
                 "concept": e.name, "prompt": e.prompt, "prompts": list(e.prompts), "known": dict(e.known),
                 "protected": list(e.protected), "separable": e.separable, "erased": name in runtime.active,
-                "beta": e.beta, "base_model": e.metadata.get("base_model"),
+                "beta": e.beta, "rank": e.rank, "base_model": e.metadata.get("base_model"),
                 "basis": e.metadata.get("basis"), "certificate": e.certificate,
             }
             for name, e in runtime.erasers.items()

@@ -1,4 +1,5 @@
-"""Run-time erasure (paper Eq. 10-11): the active erasers add `beta * (c @ S_p) @ w.T` to the projections.
+"""Run-time erasure (paper Eq. 10-11): the active erasers add `beta * (c @ S_p) @ w.T` to the projections
+(a rank-r eraser: `beta * (c @ (A S_p^T).T) @ B.T`, two thin products per layer).
 
 The increments are applied where the paper puts them, on the projections themselves: the
 `nn.Linear` of every `attn2.to_k` / `attn2.to_v` (under any PEFT LoRA wrapper, so a user's LoRA
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -240,15 +241,25 @@ class ErasureRuntime:
         self.plan = tuple((name, None) for name in names)
 
     @contextlib.contextmanager
-    def per_row(self, rows: Sequence[str | None]) -> Iterator[None]:
-        """Within the block, batch row `r` gets eraser `rows[r]` (None: the original model).
+    def per_row(self, rows: Sequence[str | Collection[str] | None]) -> Iterator[None]:
+        """Within the block, batch row `r` gets eraser `rows[r]` (None: the original model), or every
+        eraser named in `rows[r]` when it is a collection of names (empty: the original model).
 
-        Training uses it to push every concept's pass through one batched UNet call.
+        Training uses it to push every concept's pass through one batched UNet call; evaluation to
+        generate several erased subsets in one call. The plan lists erasers in load order, so a row's
+        increments are summed in the order `set_active` sums them for the same names in load order;
+        an eraser applied to every row gets no row index (computed exactly as by `set_active`).
         """
-        plan = []
-        for name in dict.fromkeys(r for r in rows if r is not None):
-            index = torch.tensor([i for i, r in enumerate(rows) if r == name], dtype=torch.long)
-            plan.append((name, index))
+        members = [() if r is None else (r,) if isinstance(r, str) else tuple(r) for r in rows]
+        unknown = sorted({n for m in members for n in m} - set(self.erasers))
+        if unknown:
+            raise KeyError(f"no eraser named {unknown} is loaded; loaded: {list(self.erasers)}")
+        plan: list[tuple[str, torch.Tensor | None]] = []
+        for name in self.erasers:
+            index = [i for i, m in enumerate(members) if name in m]
+            if index:
+                everywhere = len(index) == len(members)
+                plan.append((name, None if everywhere else torch.tensor(index, dtype=torch.long)))
         previous, self.plan = self.plan, tuple(plan)
         try:
             yield
@@ -332,6 +343,29 @@ class ErasureRuntime:
             self._cast_cache[key] = cached
         return cached
 
+    def down_projection(self, name: str, layer_path: str, like: torch.Tensor) -> torch.Tensor:
+        """A rank-r layer's `A S_p^T` (r x d_in) in the activations' dtype and device (cached)."""
+        eraser = self.erasers[name]
+        if _compiling():
+            return eraser.down_projection(layer_path).to(device=like.device, dtype=like.dtype)
+        key = (name, f"{layer_path}.down", like.device, like.dtype)
+        cached = self._cast_cache.get(key)
+        if cached is None:
+            cached = eraser.down_projection(layer_path).to(device=like.device, dtype=like.dtype)
+            self._cast_cache[key] = cached
+        return cached
+
+    def low_rank_input(self, name: str, layer_path: str, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """What `B` multiplies for one eraser and layer: `x @ S_p` (full rank, shared by every layer), `x` itself
+        (dense), or `x @ (A S_p^T).T` (rank r; a trainable eraser reads `A` live on the cached `x @ S_p`)."""
+        eraser = self.erasers[name]
+        if not eraser.down:
+            return self.projection(name, x, rows)
+        if name in self.trainable:
+            return F.linear(self.projection(name, x, rows), eraser.down[layer_path].to(x.dtype))
+        selected = x if rows is None else x.index_select(0, rows.to(x.device))
+        return F.linear(selected, self.down_projection(name, layer_path, x))
+
     def basis(self, name: str, like: torch.Tensor) -> torch.Tensor:
         eraser = self.erasers[name]
         if _compiling():
@@ -363,7 +397,8 @@ class ErasureRuntime:
         return projected
 
     def increment(self, x: torch.Tensor, layer_path: str, plan: Plan | None = None) -> torch.Tensor | None:
-        """`sum_i beta_i * (x @ S_p,i) @ w_i.T` over the active erasers that touch this layer (Eq. 11).
+        """`sum_i beta_i * (x @ S_p,i) @ w_i.T` over the active erasers that touch this layer (Eq. 11);
+        rank r: `beta_i * (x @ (A_i S_p,i^T).T) @ B_i.T`.
 
         Without gradients, the result is reused while the same, unmodified text tensor comes back
         under the same plan (every denoising step of one generation).
@@ -387,7 +422,7 @@ class ErasureRuntime:
             w = self.layer_weight(name, layer_path, x)
             if w is None:
                 continue
-            delta = F.linear(self.projection(name, x, rows), w)
+            delta = F.linear(self.low_rank_input(name, layer_path, x, rows), w)
             if rows is not None:
                 delta = torch.zeros(*x.shape[:-1], w.shape[0], dtype=delta.dtype, device=delta.device).index_add(
                     0, rows.to(x.device), delta

@@ -1,5 +1,6 @@
-"""Write each eraser as a standard diffusers/PEFT LoRA file: lora_A = S_p^T, lora_B = beta * w, scale 1.
-load_sepme reads these files too.
+"""Write each eraser as a standard LoRA file: lora_A = S_p^T (rank r: A S_p^T), lora_B = beta * w, scale 1.
+--format diffusers (default): PEFT keys for pipe.load_lora_weights; --format kohya: lora_unet_... keys
+(lora_down / lora_up / alpha) for ComfyUI and Automatic1111 (diffusers loads them too). load_sepme reads both.
 """
 
 from __future__ import annotations
@@ -7,19 +8,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..hub import export_lora
+from ..hub import LORA_FORMATS, export_lora
 from .options import add_eraser_files, new_command
 
 
 def register(subparsers: Any) -> None:
     parser = new_command(subparsers, "export-lora", __doc__, run,
-                         help="write erasers as standard diffusers LoRA files (pipe.load_lora_weights)")
+                         help="write erasers as standard LoRA files (diffusers, ComfyUI, Automatic1111)")
     add_eraser_files(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (one file per eraser, same names), or a .safetensors file for one eraser")
+    parser.add_argument("--format", choices=LORA_FORMATS, default="diffusers",
+                        help="diffusers: PEFT keys (pipe.load_lora_weights); kohya: lora_unet_... keys for ComfyUI "
+                             "and Automatic1111 (default diffusers)")
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in export_lora(args.files, args.output):
+    for path in export_lora(args.files, args.output, args.format):
         print(path)
     return 0
