@@ -49,7 +49,7 @@ def test_every_subset_gets_accuracy_lpips_and_restoration_drift(pipe, lpips_metr
         assert entry["dtheta_p"] > 0
     assert pipe.get_erased() == []
     table = markdown_table(results)
-    assert "vangogh, picasso, cezanne" in table and "Paraphrase" in table and "random weights" in table
+    assert "vangogh, picasso, cezanne" in table and "Held-out paraphrases" in table and "random weights" in table
     json_path, md_path = write_results(results, tmp_path)
     assert json.loads(json_path.read_text())["subsets"][0]["erased"] == ["vangogh"]
     images = results["_images"]
@@ -68,3 +68,35 @@ def test_scenarios_and_prompt_files(tmp_path):
     assert concept.name == "vangogh" and concept.seeds == [7, 8, 9, 10] and len(concept.prompts) == 2
     with pytest.raises(ValueError, match="scenario"):
         scenario_subsets(["a"], "all")
+
+
+def test_held_out_and_compositions_are_measured_separately_with_both_halves(pipe, lpips_metric):
+    """Each image is judged for what it shows: a composition for its concept and for its partner; the classifier
+    runs once per concept asked about per window, over all states' images at once."""
+    for i, name in enumerate(CONCEPTS):
+        pipe.load_sepme(make_eraser(pipe, name, seed=i, scale=20000.0), erase=False)
+    calls = []
+
+    def classify(name, images):  # a stand-in: exact prompts are 'recognised', the rest by brightness
+        calls.append((name, len(images)))
+        return brightness_classifier(120.0)(name, images)
+
+    concepts = [EvalConcept("vangogh", [CONCEPTS["vangogh"]], ["in the style of vangogh"], [0, 1],
+                            compositions=[("a painting by van gogh and picasso", "picasso")]),
+                EvalConcept("picasso", [CONCEPTS["picasso"]], [], [0, 1],
+                            compositions=[("a painting by van gogh and picasso", "vangogh")])]
+    results = evaluate(pipe, concepts, classify, [["vangogh"], ["picasso", "vangogh"]], steps=2, lpips=lpips_metric,
+                       progress=False, batch_size=4)
+    # 3 states x (2 exact + 1 held-out + 1 shared composition prompt) x 2 seeds, each generated once
+    assert results["generation"]["images"] == 3 * 4 * 2
+    assert sorted(n for n, _ in calls) == ["picasso", "picasso", "vangogh", "vangogh"]  # 2 windows x 2 names
+    for entry in [results["original"], *results["subsets"]]:
+        assert set(entry["accuracy"]) == {"vangogh", "picasso"} and set(entry["paraphrase_accuracy"]) == {"vangogh"}
+        assert set(entry["composition_accuracy"]) == set(entry["composition_partner_accuracy"]) == {"vangogh", "picasso"}
+        # the shared composition images: vangogh's partner half is picasso's own half, and vice versa
+        assert entry["composition_partner_accuracy"]["vangogh"] == entry["composition_accuracy"]["picasso"]
+    summary = results["subsets"][0]["summary"]
+    assert summary["erased_exact"] == results["subsets"][0]["accuracy"]["vangogh"]
+    assert results["subsets"][1]["summary"]["kept_half_ratio"] is None  # both halves erased: nothing kept
+    table = markdown_table(results)
+    assert "Compositions" in table and "vangogh: other half" in table and "Summary" in table

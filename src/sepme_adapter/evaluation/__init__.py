@@ -9,7 +9,7 @@
 
 | module | what it holds |
 |---|---|
-| `protocol` | `EvalConcept`, subsets and scenarios, prompt files, `generate`, `evaluate` |
+| `protocol` | `EvalConcept` (exact prompts, held-out paraphrases, compositions), subsets and scenarios, prompt files, `generate`, `evaluate` (all images through `generation.generate_batched`) |
 | `metrics` | `LPIPSMetric`, `dtheta_p` |
 | `tables`, `grids` | the markdown tables (one builder), results files, image grids |
 | `methods` | `evaluate_methods`: several methods' erasers side by side |
@@ -24,6 +24,7 @@ from .grids import comparison_grid, image_grid
 from .methods import evaluate_methods
 from .metrics import LPIPSMetric, dtheta_p, to_tensor
 from .protocol import (
+    MEASURES,
     TEMPLATES,
     Classify,
     EvalConcept,
@@ -36,10 +37,20 @@ from .protocol import (
     scenario_subsets,
 )
 from .style_classifier import BLANK_LABEL, load_style_classifier, train_style_classifier
-from .tables import comparison_table, markdown_table, table, write_results
+from .tables import (
+    SUMMARY_COLUMNS,
+    comparison_table,
+    generalisation_summary,
+    markdown_table,
+    summary_table,
+    table,
+    write_results,
+)
 
 __all__ = [
     "BLANK_LABEL",
+    "MEASURES",
+    "SUMMARY_COLUMNS",
     "TEMPLATES",
     "Classify",
     "EvalConcept",
@@ -54,11 +65,13 @@ __all__ = [
     "dtheta_p",
     "evaluate",
     "evaluate_methods",
+    "generalisation_summary",
     "generate",
     "image_grid",
     "load_style_classifier",
     "markdown_table",
     "scenario_subsets",
+    "summary_table",
     "table",
     "to_tensor",
     "torchvision_classifier",

@@ -11,6 +11,7 @@ from ..eraser import Eraser
 from ..files import resolve_eraser_files
 from ..loader import SepMEWarning
 from .protocol import TEMPLATES, Classify, EvalConcept, default_prompt, evaluate, scenario_subsets
+from .tables import generalisation_summary
 
 
 def load_methods(pipe: Any, methods: Sequence[tuple[str, str | Path]], allow_base_mismatch: bool
@@ -101,5 +102,6 @@ def evaluate_methods(
         entry["erased_concepts"] = [part for name in subset for part in name.split("+")]
         entry["train_seconds"] = sum(float(s.get("seconds", 0.0)) for s in stats)
         entry["peak_memory_mb"] = max(peaks) if peaks else None
+        entry["summary"] = generalisation_summary(results, entry)
     results["methods"] = {label: _method_summary(source, by_method[label]) for label, source in methods}
     return results

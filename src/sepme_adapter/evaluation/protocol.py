@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..generation import Job, canonical_jobs, generate_batched
 from ..loader import erasure_runtime
 from .metrics import LPIPSMetric, dtheta_p, to_tensor
+from .tables import generalisation_summary
 
 # classify(concept name, images) -> for each image, whether the classifier recognises the concept
 Classify = Callable[[str, Sequence[Image.Image]], Sequence[bool]]
@@ -26,12 +29,20 @@ Classify = Callable[[str, Sequence[Image.Image]], Sequence[bool]]
 
 @dataclass
 class EvalConcept:
-    """A concept under evaluation: its exact (training) prompts and paraphrases, with seeds."""
+    """A concept under evaluation, with seeds, and its prompts in three measures (issue 12):
+
+    - `prompts`: the exact prompts (those the eraser was trained on);
+    - `paraphrases`: held-out phrasings, never used in training;
+    - `compositions`: `(prompt, partner)` pairs, prompts that combine this concept with another one
+      ("a square by pimsa": pimsa with partner square); each image is judged for this concept and
+      for the partner (the other half, which erasing this concept must keep).
+    """
 
     name: str
     prompts: list[str]
     paraphrases: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: list(range(10)))
+    compositions: list[tuple[str, str]] = field(default_factory=list)
 
 
 def all_subsets(names: Sequence[str]) -> list[list[str]]:
@@ -84,63 +95,103 @@ def concepts_from_names(names: Sequence[str], seeds: Sequence[int], templates: S
             for n in names]
 
 
-@torch.no_grad()
-def generate(pipe: Any, prompt: str, seeds: Sequence[int], steps: int, guidance_scale: float) -> list[Image.Image]:
-    """One image per seed; each image has its own generator, so it does not depend on the batch."""
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return pipe(prompt, num_images_per_prompt=len(generators), generator=generators,
-                num_inference_steps=steps, guidance_scale=guidance_scale).images
+def generate(pipe: Any, prompt: str, seeds: Sequence[int], steps: int, guidance_scale: float,
+             batch_size: int = 32) -> list[Image.Image]:
+    """One image per seed of one prompt with the pipeline's current erased set (`generate_batched` for many)."""
+    erased = tuple(pipe.get_erased()) if hasattr(pipe, "get_erased") else ()
+    return generate_batched(pipe, [Job(prompt, int(s), erased) for s in seeds], steps, guidance_scale, batch_size)
 
 
+MEASURES = ("accuracy", "paraphrase_accuracy", "composition_accuracy", "composition_partner_accuracy")
+"""Per state and concept: ACC on the exact prompts, on held-out paraphrases, on compositions (this
+concept's half) and of the partner concept in this concept's compositions (the other half)."""
+
+
+@dataclass(frozen=True)
+class _Use:
+    """What one generated image is measured for: a state (0: original), a concept, a measure, and the
+    concept the classifier is asked about (`judge`: the concept itself, or its partner in a composition)."""
+
+    state: int
+    concept: str
+    measure: str
+    judge: str
+
+
+def measurement_plan(concepts: Sequence[EvalConcept], states: Sequence[tuple[str, ...]]) -> dict[Job, list[_Use]]:
+    """Every image of the run (state 0 first) with what it is measured for; shared prompts are one job."""
+    plan: dict[Job, list[_Use]] = {}
+    for index, erased in enumerate(states):
+        for c in concepts:
+            prompts = [(p, "accuracy", c.name) for p in c.prompts]
+            prompts += [(p, "paraphrase_accuracy", c.name) for p in c.paraphrases]
+            for p, partner in c.compositions:
+                prompts += [(p, "composition_accuracy", c.name), (p, "composition_partner_accuracy", partner)]
+            for prompt, measure, judge in prompts:
+                for seed in c.seeds:
+                    plan.setdefault(Job(prompt, int(seed), erased), []).append(_Use(index, c.name, measure, judge))
+    return plan
 
 
 @dataclass
-class _Measurement:
-    """Generates, classifies and compares the images of one evaluation run (originals kept for LPIPS)."""
+class _Tally:
+    """Accumulates hits, LPIPS and pixel changes window by window (the original images are kept for LPIPS)."""
 
-    pipe: Any
     classify: Classify
-    steps: int
-    guidance_scale: float
     lpips: LPIPSMetric
-    bar: Any
-    keep_images: bool
-    originals: dict[tuple[str, str], list[Image.Image]] = field(default_factory=dict)
-    images: dict[str, dict[str, list[Image.Image]]] = field(default_factory=dict)
+    keep: dict[str, str]  # concept -> its first exact prompt (images kept for grids)
+    hits: dict[tuple[int, str, str], list[bool]] = field(default_factory=dict)
+    distances: dict[tuple[int, str], list[float]] = field(default_factory=dict)
+    change: dict[tuple[int, str], float] = field(default_factory=dict)
+    originals: dict[tuple[str, int], Image.Image] = field(default_factory=dict)
+    kept: dict[tuple[int, str], list[Image.Image]] = field(default_factory=dict)
 
-    def concept(self, concept: EvalConcept, erased: list[str], original: bool
-                ) -> tuple[list[bool], list[bool], list[float], float]:
-        """Hits on exact prompts and on paraphrases, LPIPS distances and the largest pixel change."""
-        hits, para_hits, distances, change = [], [], [], 0.0
-        for prompt in [*concept.prompts, *concept.paraphrases]:
-            images = generate(self.pipe, prompt, concept.seeds, self.steps, self.guidance_scale)
-            self.bar.update(len(images))
-            (hits if prompt in concept.prompts else para_hits).extend(list(self.classify(concept.name, images)))
-            if original:
-                self.originals[(concept.name, prompt)] = images
-            elif prompt in concept.prompts:
-                reference = self.originals[(concept.name, prompt)]
-                distances.extend(self.lpips(reference, images))
-                change = max(change, float((to_tensor(reference) - to_tensor(images)).abs().max()))
-            if self.keep_images and prompt == concept.prompts[0]:
-                self.images.setdefault("+".join(erased) or "original", {})[concept.name] = images
-        return hits, para_hits, distances, change
+    def add(self, jobs: Sequence[Job], images: Sequence[Image.Image], plan: dict[Job, list[_Use]]) -> None:
+        verdicts = self._judge(jobs, images, plan)
+        pairs: list[tuple[int, str, Image.Image, Image.Image]] = []
+        for k, (job, image) in enumerate(zip(jobs, images)):
+            for use in plan[job]:
+                self.hits.setdefault((use.state, use.concept, use.measure), []).append(verdicts[(k, use.judge)])
+                if use.measure != "accuracy":
+                    continue
+                if use.state == 0:
+                    self.originals[(job.prompt, job.seed)] = image
+                else:
+                    pairs.append((use.state, use.concept, self.originals[(job.prompt, job.seed)], image))
+                if self.keep.get(use.concept) == job.prompt:
+                    self.kept.setdefault((use.state, use.concept), []).append(image)
+        if pairs:
+            distances = self.lpips([p[2] for p in pairs], [p[3] for p in pairs])
+            changes = (to_tensor([p[2] for p in pairs]) - to_tensor([p[3] for p in pairs])).abs().amax(dim=(1, 2, 3))
+            for (state, concept, _, _), distance, change in zip(pairs, distances, changes.tolist()):
+                self.distances.setdefault((state, concept), []).append(distance)
+                self.change[(state, concept)] = max(self.change.get((state, concept), 0.0), change)
 
-    def state(self, concepts: Sequence[EvalConcept], erased: list[str], original: bool) -> dict[str, Any]:
-        """One row of the tables: every concept measured with `erased` erased (nothing: the original model)."""
-        self.pipe.set_erased(erased)
-        entry: dict[str, Any] = {"erased": erased, "accuracy": {}, "paraphrase_accuracy": {}, "lpips": {},
-                                 "max_pixel_change": {}}
-        for concept in concepts:
-            hits, para_hits, distances, change = self.concept(concept, erased, original)
-            entry["accuracy"][concept.name] = float(np.mean(hits))
-            if para_hits:
-                entry["paraphrase_accuracy"][concept.name] = float(np.mean(para_hits))
-            if not original:
-                entry["lpips"][concept.name] = float(np.mean(distances))
-                entry["max_pixel_change"][concept.name] = change
-        if original:
-            entry.pop("lpips"), entry.pop("max_pixel_change"), entry.pop("erased")
+    def _judge(self, jobs: Sequence[Job], images: Sequence[Image.Image], plan: dict[Job, list[_Use]]
+               ) -> dict[tuple[int, str], bool]:
+        """One classifier call per concept asked about, over every image of the window that needs it."""
+        wanted: dict[str, list[int]] = {}
+        for k, job in enumerate(jobs):
+            for judge in dict.fromkeys(use.judge for use in plan[job]):
+                wanted.setdefault(judge, []).append(k)
+        verdicts = {}
+        for judge, indices in wanted.items():
+            for k, hit in zip(indices, self.classify(judge, [images[k] for k in indices])):
+                verdicts[(k, judge)] = bool(hit)
+        return verdicts
+
+    def entry(self, state: int, concepts: Sequence[EvalConcept]) -> dict[str, Any]:
+        """One row of the tables: every measure of every concept in one state."""
+        entry: dict[str, Any] = {measure: {} for measure in MEASURES}
+        for c in concepts:
+            for measure in MEASURES:
+                found = self.hits.get((state, c.name, measure))
+                if found:
+                    entry[measure][c.name] = float(np.mean(found))
+        if state > 0:
+            measured = [c.name for c in concepts if (state, c.name) in self.distances]
+            entry["lpips"] = {name: float(np.mean(self.distances[(state, name)])) for name in measured}
+            entry["max_pixel_change"] = {name: self.change[(state, name)] for name in measured}
         return entry
 
 
@@ -154,34 +205,51 @@ def evaluate(
     lpips: LPIPSMetric | None = None,
     progress: bool = True,
     keep_images: bool = False,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Accuracy, LPIPS against the original and exact-prompt drift for the original model and every subset.
+    """ACC (exact prompts, held-out paraphrases, compositions: both halves), LPIPS against the original and
+    exact-prompt drift, for the original model and every subset of erasers.
 
-    `pipe` must have the erasers loaded (`load_sepme`); the erased set is restored afterwards.
-    Returns the `results.json` layout: `concepts`, `original`, `subsets` (each with `erased`,
-    `accuracy`, `paraphrase_accuracy`, `lpips`, `max_pixel_change`, `dtheta_p`).
+    `pipe` must have the erasers loaded (`load_sepme`); its erased set is left as it was. Images are made by
+    `generate_batched`, `batch_size` per pipeline call, prompts, seeds and subsets mixed; the classifier and
+    LPIPS run once per window of calls. Returns the `results.json` layout: `concepts`, `prompts`,
+    `original` and `subsets` (each with `erased`, the `MEASURES`, `lpips`, `max_pixel_change`, `dtheta_p`),
+    and `generation` (images, seconds, images per second).
     """
     lpips = lpips or LPIPSMetric()
-    before = pipe.get_erased()
     runtime = erasure_runtime(pipe)
     loaded = runtime.erasers if runtime is not None else {}
-    total = sum(len(c.seeds) * (len(c.prompts) + len(c.paraphrases)) for c in concepts) * (len(subsets) + 1)
-    bar = tqdm(total=total, desc="evaluating", unit="img", disable=not progress)
-    disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
-    measure = _Measurement(pipe, classify, steps, guidance_scale, lpips, bar, keep_images)
-    results: dict[str, Any] = {"concepts": [c.name for c in concepts], "erasers": list(loaded),
-                               "lpips_backbone": lpips.backbone, "subsets": []}
+    states = [()] + [canonical_jobs(pipe, [Job("", 0, tuple(s))])[0].erased for s in subsets]
+    plan = measurement_plan(concepts, states)
+    jobs = list(plan)
+    tally = _Tally(classify, lpips, {c.name: c.prompts[0] for c in concepts if c.prompts} if keep_images else {})
+    bar = tqdm(total=len(jobs), desc="evaluating", unit="img", disable=not progress)
+    window = batch_size * 4  # classifier and LPIPS calls over several pipeline calls' images
+    started = time.monotonic()
     try:
-        results["original"] = measure.state(concepts, [], original=True)
-        for subset in subsets:
-            entry = measure.state(concepts, list(subset), original=False)
-            entry["dtheta_p"] = dtheta_p([loaded[n] for n in subset if n in loaded])
-            results["subsets"].append(entry)
+        for start in range(0, len(jobs), window):
+            part = jobs[start : start + window]
+            tally.add(part, generate_batched(pipe, part, steps, guidance_scale, batch_size, on_batch=bar.update),
+                      plan)
     finally:
         bar.close()
-        pipe.set_erased(before)
-        pipe.set_progress_bar_config(disable=disabled)
+    seconds = time.monotonic() - started
+    results: dict[str, Any] = {
+        "concepts": [c.name for c in concepts], "erasers": list(loaded), "lpips_backbone": lpips.backbone,
+        "prompts": {c.name: {"exact": c.prompts, "held_out": c.paraphrases,
+                             "compositions": [list(pair) for pair in c.compositions]} for c in concepts},
+        "original": tally.entry(0, concepts), "subsets": [],
+        "generation": {"images": len(jobs), "seconds": round(seconds, 1),
+                       "images_per_second": round(len(jobs) / max(seconds, 1e-9), 2), "batch_size": batch_size,
+                       "threads": torch.get_num_threads()},
+    }
+    for index, subset in enumerate(subsets, start=1):
+        entry = {"erased": list(subset), **tally.entry(index, concepts)}
+        entry["dtheta_p"] = dtheta_p([loaded[n] for n in subset if n in loaded])
+        results["subsets"].append(entry)
+    for entry in results["subsets"]:
+        entry["summary"] = generalisation_summary(results, entry)
     if keep_images:
-        results["_images"] = measure.images
+        results["_images"] = {"+".join(s) or "original": {c: tally.kept[(i, c)] for (i, c) in tally.kept if i == k}
+                              for k, s in enumerate([[], *subsets])}
     return results

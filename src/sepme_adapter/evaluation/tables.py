@@ -33,18 +33,102 @@ def _subset_cells(entry: dict[str, Any], concepts: Sequence[str], erased: Iterab
     return accuracy_cells(entry["accuracy"], concepts, erased) + [f"{entry['lpips'][c]:.3f}" for c in concepts]
 
 
-def _paraphrase_table(results: dict[str, Any], concepts: Sequence[str]) -> list[str]:
-    def cells(entry: dict[str, Any]) -> list[str]:
-        return [f"{entry['paraphrase_accuracy'].get(c, float('nan')):.2f}" for c in concepts]
+def _measure_table(results: dict[str, Any], measure: str, concepts: Sequence[str], title: str) -> list[str]:
+    """One ACC table for one measure: rows per state, one column per concept that has it."""
+    concepts = [c for c in concepts if c in results["original"].get(measure, {})]
+
+    def cells(entry: dict[str, Any], erased: Iterable[str] = ()) -> list[str]:
+        return accuracy_cells(entry[measure], concepts, erased)
 
     rows = [["(none: original)", *cells(results["original"])]]
-    rows += [[", ".join(entry["erased"]), *cells(entry)] for entry in results["subsets"]]
-    return ["", "Paraphrase prompts (not in any eraser's known set: the harder case):", "",
-            *table(["erased", *concepts], rows)]
+    rows += [[", ".join(e["erased"]), *cells(e, e["erased"])] for e in results["subsets"]]
+    return ["", title, "", *table(["erased", *concepts], rows)]
+
+
+def _composition_table(results: dict[str, Any], concepts: Sequence[str]) -> list[str]:
+    """Compositions: each concept's own half and the other half (its partners) of the same images."""
+    concepts = [c for c in concepts if c in results["original"].get("composition_accuracy", {})]
+
+    def cells(entry: dict[str, Any], erased: Iterable[str] = ()) -> list[str]:
+        erased = set(erased)
+        own = accuracy_cells(entry["composition_accuracy"], concepts, erased)
+        return [cell for c, o in zip(concepts, own) for cell in (o, f"{entry['composition_partner_accuracy'][c]:.2f}")]
+
+    header = [h for c in concepts for h in (c, f"{c}: other half")]
+    rows = [["(none: original)", *cells(results["original"])]]
+    rows += [[", ".join(e["erased"]), *cells(e, e["erased"])] for e in results["subsets"]]
+    pairs = "; ".join(f"{c}: " + ", ".join(p for p, _ in results["prompts"][c]["compositions"])
+                      for c in concepts if results.get("prompts"))
+    return ["", "Compositions (prompts combining a concept with one of another family, held out from training): ACC "
+            "of the concept itself and of the other half in the same images" + (f" ({pairs})" if pairs else "") + ":",
+            "", *table(["erased", *header], rows)]
+
+
+def _ratio(value: float | None, original: float | None) -> float | None:
+    return None if value is None or not original else value / original
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return sum(found) / len(found) if found else None
+
+
+def generalisation_summary(results: dict[str, Any], entry: dict[str, Any]) -> dict[str, float | None]:
+    """One subset's issue-12 figures: erased concepts' ACC on exact prompts, held-out paraphrases and in
+    compositions; the kept half of their compositions and every other concept, as fractions of the original."""
+    original = results["original"]
+    erased = [c for c in results["concepts"] if c in entry.get("erased_concepts", entry["erased"])]
+    others = [c for c in results["concepts"] if c not in erased]
+
+    def acc(e: dict[str, Any], measure: str, c: str) -> float | None:
+        return e.get(measure, {}).get(c)
+
+    def kept_half(c: str) -> float | None:  # partners of an erased concept that are themselves kept
+        partners = {p for _, p in results.get("prompts", {}).get(c, {}).get("compositions", [])}
+        if partners & set(erased):
+            return None
+        return _ratio(acc(entry, "composition_partner_accuracy", c), acc(original, "composition_partner_accuracy", c))
+
+    others_all = [_ratio(acc(entry, m, c), acc(original, m, c)) for c in others
+                  for m in ("accuracy", "paraphrase_accuracy", "composition_accuracy")]
+    return {
+        "erased_exact": _mean(acc(entry, "accuracy", c) for c in erased),
+        "erased_held_out": _mean(acc(entry, "paraphrase_accuracy", c) for c in erased),
+        "erased_in_compositions": _mean(acc(entry, "composition_accuracy", c) for c in erased),
+        "kept_half_ratio": _mean(kept_half(c) for c in erased),
+        "others_exact_ratio": _mean(_ratio(acc(entry, "accuracy", c), acc(original, "accuracy", c)) for c in others),
+        "others_held_out_ratio": _mean(_ratio(acc(entry, "paraphrase_accuracy", c), acc(original, "paraphrase_accuracy", c))
+                                       for c in others),
+        "others_min_ratio": min((r for r in others_all if r is not None), default=None),
+    }
+
+
+SUMMARY_COLUMNS = {
+    "erased_exact": "erased: exact prompts ACC",
+    "erased_held_out": "erased: held-out ACC",
+    "erased_in_compositions": "erased: in compositions ACC",
+    "kept_half_ratio": "compositions' kept half (x original)",
+    "others_exact_ratio": "other concepts: exact (x original)",
+    "others_held_out_ratio": "other concepts: held-out (x original)",
+    "others_min_ratio": "other concepts: worst (x original)",
+}
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """The generalisation summary (issue 12), one row per subset: means over its erased / other concepts."""
+    rows = []
+    for entry in results["subsets"]:
+        figures = generalisation_summary(results, entry)
+        rows.append([", ".join(entry["erased"]), *("-" if figures[k] is None else f"{figures[k]:.2f}"
+                                                   for k in SUMMARY_COLUMNS)])
+    return ["", "Summary (means over the subset's erased concepts and over every other concept; 'worst': the "
+            "lowest ratio of any other concept on any prompt set):", "",
+            *table(["erased", *SUMMARY_COLUMNS.values()], rows)]
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The paper-style table: accuracy (and LPIPS) of every concept for the original and each subset."""
+    """The paper-style tables: exact prompts (ACC, LPIPS, restored drift), then held-out paraphrases,
+    compositions (both halves) and the generalisation summary, each with one row per erased subset."""
     concepts = results["concepts"]
     rows = [["(none: original)", *_original_cells(results, concepts), "-"]]
     for entry in results["subsets"]:
@@ -53,9 +137,15 @@ def markdown_table(results: dict[str, Any]) -> str:
                     if c not in entry["erased"] and c in results.get("erasers", concepts)]
         rows.append([", ".join(entry["erased"]), *_subset_cells(entry, concepts, entry["erased"]),
                      f"{max(restored):.1e}" if restored else "-"])
-    lines = table(["erased", *metric_header(concepts), "restored max pixel change"], rows)
-    if any(e.get("paraphrase_accuracy") for e in results["subsets"]):
-        lines += _paraphrase_table(results, concepts)
+    lines = ["Exact prompts (the prompts the erasers were trained on):", "",
+             *table(["erased", *metric_header(concepts), "restored max pixel change"], rows)]
+    if results["original"].get("paraphrase_accuracy"):
+        lines += _measure_table(results, "paraphrase_accuracy", concepts,
+                                "Held-out paraphrases (phrasings never used in training):")
+    if results["original"].get("composition_accuracy"):
+        lines += _composition_table(results, concepts)
+    if results["original"].get("paraphrase_accuracy") or results["original"].get("composition_accuracy"):
+        lines += summary_table(results)
     lines += ["", f"LPIPS backbone: {results['lpips_backbone']}. Bold: erased concepts. Restored max pixel "
               f"change: largest change (0-1 scale) of any image of a concept whose eraser is loaded but off."]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..fingerprint import fingerprint
+from ..generation import Job, generate_batched
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -46,30 +47,55 @@ def _manifest(pipe: Any, prompt: str, config: Any) -> dict[str, Any]:
     }
 
 
+def _cached(folder: Path | None, manifest: dict[str, Any]) -> torch.Tensor | None:
+    if folder is None:
+        return None
+    cached, manifest_path = folder / "latents.safetensors", folder / "manifest.json"
+    if cached.is_file() and manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
+        return load_file(str(cached))["latents"]
+    return None
+
+
 @torch.no_grad()
+def _store(pipe: Any, latents: torch.Tensor, manifest: dict[str, Any], folder: Path) -> None:
+    """PNGs to look at, the exact latents and the manifest that says what they are."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor)
+    pixels = ((images.sample.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+    for seed, image in zip(manifest["seeds"], pixels.numpy()):
+        Image.fromarray(image).save(folder / f"{seed}.png")
+    save_file({"latents": latents.contiguous()}, str(folder / "latents.safetensors"))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def generate_references(pipe: Any, prompts: Sequence[str], config: Any, folders: Sequence[Path | None],
+                        batch_size: int = 16, progress: bool = False) -> list[torch.Tensor]:
+    """Latents of `images_per_concept` images per prompt by the original model, cached per prompt in its folder.
+
+    The prompts not cached are generated together (`generate_batched`: several prompts' seeds per pipeline
+    call, every image as it would be made alone), always by the original model whatever is erased.
+    """
+    manifests = [_manifest(pipe, prompt, config) for prompt in prompts]
+    found = [_cached(folder, manifest) for folder, manifest in zip(folders, manifests)]
+    missing = [i for i, latents in enumerate(found) if latents is None]
+    jobs = [Job(prompts[i], seed) for i in missing for seed in manifests[i]["seeds"]]
+    with tqdm(total=len(jobs), desc="reference images", unit="img", disable=not progress or not jobs,
+              leave=False) as bar:
+        made = generate_batched(pipe, jobs, config.reference_steps, config.guidance_scale, batch_size,
+                                output_type="latent", on_batch=bar.update)
+    offset = 0
+    for i in missing:
+        count = len(manifests[i]["seeds"])
+        found[i] = torch.stack(made[offset : offset + count]).detach().float().cpu()
+        offset += count
+        if folders[i] is not None:
+            _store(pipe, found[i], manifests[i], folders[i])
+    return found  # type: ignore[return-value]
+
+
 def generate_reference(pipe: Any, prompt: str, config: Any, folder: Path | None) -> torch.Tensor:
     """Latents of `images_per_concept` images of `prompt` by the original model (cached in `folder`)."""
-    manifest = _manifest(pipe, prompt, config)
-    if folder is not None:
-        cached = folder / "latents.safetensors"
-        manifest_path = folder / "manifest.json"
-        if cached.is_file() and manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest:
-            return load_file(str(cached))["latents"]
-    generators = [torch.Generator().manual_seed(seed) for seed in manifest["seeds"]]
-    latents = pipe(
-        prompt, num_images_per_prompt=len(generators), generator=generators, output_type="latent",
-        num_inference_steps=config.reference_steps, guidance_scale=config.guidance_scale,
-    ).images
-    latents = latents.detach().float().cpu()
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        images = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor)
-        pixels = ((images.sample.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
-        for seed, image in zip(manifest["seeds"], pixels.numpy()):
-            Image.fromarray(image).save(folder / f"{seed}.png")
-        save_file({"latents": latents.contiguous()}, str(folder / "latents.safetensors"))
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return latents
+    return generate_references(pipe, [prompt], config, [folder])[0]
 
 
 @torch.no_grad()
@@ -116,14 +142,7 @@ def reference_latents(
     device, dtype = pipe.unet.device, pipe.unet.dtype
     if user_folder is not None:
         return {name: latents.to(device, dtype) for name, latents in user_latents(pipe, concepts, user_folder).items()}
-    result: dict[str, torch.Tensor] = {}
-    was_disabled = getattr(pipe, "_progress_bar_config", {}).get("disable", False)
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for concept in tqdm(concepts, desc="reference images", disable=not progress, leave=False):
-            key = hashlib.sha256(concept.prompt.encode()).hexdigest()[:8]
-            folder = Path(cache_dir) / f"{_slug(concept.prompt)}-{key}" if cache_dir is not None else None
-            result[concept.name] = generate_reference(pipe, concept.prompt, config, folder).to(device, dtype)
-    finally:
-        pipe.set_progress_bar_config(disable=was_disabled)
-    return result
+    folders = [Path(cache_dir) / f"{_slug(c.prompt)}-{hashlib.sha256(c.prompt.encode()).hexdigest()[:8]}"
+               if cache_dir is not None else None for c in concepts]
+    latents = generate_references(pipe, [c.prompt for c in concepts], config, folders, progress=progress)
+    return {concept.name: found.to(device, dtype) for concept, found in zip(concepts, latents)}
