@@ -11,6 +11,7 @@ from sepme_adapter.certificate import leakage_certificate
 from sepme_adapter.formats import read_safetensors
 from sepme_adapter.hub import file_size, model_card, save_lora
 from sepme_adapter.testing import tiny_pipeline
+from sepme_adapter.training import TrainConfig, steps, train_erasers
 from sepme_adapter.unet import layer_weight
 from sepme_adapter.verify import verify_eraser
 
@@ -25,6 +26,20 @@ from .helpers import (
 )
 
 SUBSETS = [list(s) for r in range(1, 4) for s in itertools.combinations(CONCEPTS, r)]
+PAIRS = [f"{n}={p}" for n, p in CONCEPTS.items()]
+# as tests/test_training.py: a random-weight UNet barely listens to its text, so a large beta
+QUICK = dict(images_per_concept=2, reference_steps=2, lr=0.1, beta=0.1, max_iterations=8, warmup=2, rank=2)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    return tmp_path_factory.mktemp("reference-cache")
+
+
+def train(pipe, references, concepts=PAIRS, **kwargs):
+    config = TrainConfig(**{**QUICK, **kwargs.pop("config", {})})
+    return train_erasers(pipe, concepts, protected=PROTECTED, config=config, cache_dir=references,
+                         progress=False, **kwargs)
 
 
 @pytest.mark.parametrize("stored", [False, True], ids=["as-trained", "from-file"])
@@ -133,3 +148,45 @@ def test_malformed_or_misfitting_rank_r_erasers_are_refused(pipe, tmp_path):
     wide = sepme_adapter.attach(tiny_pipeline(text_width=96))
     with pytest.raises(BaseModelMismatchError):
         wide.load_sepme(eraser)
+
+
+def test_training_at_rank_r_gives_exact_rank_r_erasers_and_separate_equals_simultaneous(references, tmp_path):
+    pipe = sepme_adapter.attach(tiny_pipeline().to(torch.float64))  # float64: modes agree far below tolerance
+    together = train(pipe, references, mode="simultaneous")
+    one_by_one = train(pipe, references, mode="separate")
+    for a, b in zip(together, one_by_one):
+        assert a.rank == 2 and a.metadata["training"]["config"]["rank"] == 2
+        assert a.certificate is not None and a.certificate < 1e-6  # exact basis (<= 1e-5 promised)
+        for layer in a.weights:
+            assert a.down[layer].shape == (2, a.basis.shape[1]) and a.delta(layer).norm() > 0, layer
+            assert (a.delta(layer) - b.delta(layer)).norm() <= 1e-6 * a.delta(layer).norm(), layer
+        loaded = sepme_adapter.Eraser.load(a.save(tmp_path / f"{a.name}.safetensors"))
+        assert loaded.rank == 2 and loaded.basis is None
+
+
+def test_an_interrupted_rank_r_run_resumes_to_the_same_result(pipe, references, tmp_path, monkeypatch):
+    expected = train(pipe, references, PAIRS[:2])
+    real, calls = steps.noisy_latents, {"n": 0}
+
+    def interrupt_at_iteration_5(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 4 + 1:  # two concepts per iteration
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "noisy_latents", interrupt_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(pipe, references, PAIRS[:2], checkpoint_dir=tmp_path, config={"checkpoint_every": 2})
+    monkeypatch.setattr(steps, "noisy_latents", real)
+    resumed = train(pipe, references, PAIRS[:2], checkpoint_dir=tmp_path, resume=True, config={"checkpoint_every": 2})
+    for a, b in zip(expected, resumed):
+        for layer in a.weights:
+            torch.testing.assert_close(a.delta(layer), b.delta(layer), rtol=1e-4, atol=1e-7)
+
+
+def test_a_rank_at_least_the_basis_dimension_trains_full_rank_and_bad_ranks_are_refused(pipe, references):
+    (eraser,) = train(pipe, references, PAIRS[:1], config={"rank": 10_000, "max_iterations": 2})
+    assert eraser.rank is None and not eraser.down
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(sepme_adapter.TrainingError, match="rank"):
+            TrainConfig(rank=bad).validate()

@@ -56,7 +56,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for item in fields(TrainConfig):
         default = getattr(defaults, item.name)
-        kind = float if isinstance(default, float) or default is None else int
+        kind = int if str(item.type).split(" | ")[0] == "int" else float  # `rank: int | None` parses as int
         parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, type=kind, default=default,
                             help=f"(default {default})")
     group = parser.add_argument_group("baselines (--method esd / ablation / fmn / uce)")

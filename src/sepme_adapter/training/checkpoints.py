@@ -26,6 +26,7 @@ def checkpoint_path(folder: Path) -> Path:
 
 def _track_tensors(i: int, track: ConceptTrack) -> dict[str, torch.Tensor]:
     tensors = {f"{i}/w/{layer}": w.detach().cpu().contiguous() for layer, w in track.eraser.weights.items()}
+    tensors.update({f"{i}/down/{layer}": a.detach().cpu().contiguous() for layer, a in track.eraser.down.items()})
     for j, slot in track.optimizer.state_dict()["state"].items():
         for key in ("exp_avg", "exp_avg_sq"):
             tensors[f"{i}/adam/{j}/{key}"] = slot[key].detach().cpu().contiguous()
@@ -75,6 +76,8 @@ def _restore_track(i: int, track: ConceptTrack, saved: dict[str, Any], tensors: 
     with torch.no_grad():
         for layer, w in track.eraser.weights.items():
             w.copy_(tensors[f"{i}/w/{layer}"])
+        for layer, a in track.eraser.down.items():  # rank r: the A factors
+            a.copy_(tensors[f"{i}/down/{layer}"])
     adam = track.optimizer.state_dict()
     for j in range(len(track.parameters)):
         if f"{i}/adam/{j}/step" in tensors:

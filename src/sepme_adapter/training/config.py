@@ -37,6 +37,9 @@ class TrainConfig:
         checkpoint_every: iterations between resumable checkpoints (when a folder is given).
         concepts_per_pass: concepts per UNet pass with a graph (0: all at once, fastest; 1: lowest
             peak memory). The frozen passes stay batched; the increments are identical either way.
+        rank: None = full-rank `w` per layer; r = a rank-r eraser, `w = B @ A` per layer (`A` r x m in basis
+            coordinates, seeded random with orthonormal rows; `B` d_out x r, zero), a small standard LoRA
+            that keeps the exactness of the basis (a rank >= m trains full rank).
     """
 
     lr: float = 1e-2
@@ -56,6 +59,7 @@ class TrainConfig:
     max_leakage: float | None = None
     checkpoint_every: int = 50
     concepts_per_pass: int = 0
+    rank: int | None = None
 
     def validate(self) -> None:
         """Refuse NaN, infinite or out-of-range values before any work starts."""
@@ -66,6 +70,8 @@ class TrainConfig:
             raise TrainingError(f"TrainConfig.alpha must be in [0, 1), got {self.alpha!r}")
         if self.max_leakage is not None and not 0 <= self.max_leakage < 1:
             raise TrainingError(f"TrainConfig.max_leakage must be in [0, 1) or None, got {self.max_leakage!r}")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
+            raise TrainingError(f"TrainConfig.rank must be a positive integer or None (full rank), got {self.rank!r}")
         if self.rtol is not None and self.rtol <= 0:
             raise TrainingError(f"TrainConfig.rtol must be > 0, got {self.rtol!r}")
 

@@ -31,14 +31,15 @@ class ConceptTrack:
 
     @property
     def parameters(self) -> list[torch.Tensor]:
-        return list(self.eraser.weights.values())
+        """The `w`s (rank r: `B`s, then the `A`s), in the optimiser's order."""
+        return [*self.eraser.weights.values(), *self.eraser.down.values()]
 
     @classmethod
     def start(cls, concept: Concept, eraser: Eraser, lr: float, index: int, config: TrainConfig,
               latents: torch.Tensor, embedding: torch.Tensor) -> ConceptTrack:
         """A fresh track: Adam on the eraser's `w`s, and the concept's own seeded random stream."""
         return cls(
-            concept=concept, eraser=eraser, optimizer=torch.optim.Adam(list(eraser.weights.values()), lr=lr),
+            concept=concept, eraser=eraser, optimizer=torch.optim.Adam([*eraser.weights.values(), *eraser.down.values()], lr=lr),
             generator=torch.Generator().manual_seed(config.seed * 100_003 + index),
             stop=MomentumStop(config.alpha, config.tau, config.warmup), latents=latents, embedding=embedding,
         )

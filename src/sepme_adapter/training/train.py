@@ -125,11 +125,15 @@ class TrainingRun:
         """A zero increment registered as a trainable eraser, and its track."""
         dense, config = planned.dense, self.config
         columns = None if dense else planned.basis.shape[1]
+        layers = modified_layers(self.pipe.unet, dense=dense)
+        rank = None if dense or config.rank is None or config.rank >= columns else config.rank
+        weights = zero_weights(self.pipe, layers, columns if rank is None else rank)
         eraser = Eraser(
             name=planned.concept.name, prompt=planned.concept.prompt, prompts=list(planned.concept.prompts),
-            basis=planned.basis, weights=zero_weights(self.pipe, modified_layers(self.pipe.unet, dense=dense), columns),
+            basis=planned.basis, weights=weights,
             beta=1.0 if dense else config.beta,  # dense increments are the weights' change itself
             known=planned.known, protected=[] if dense else list(self.protected),
+            down={} if rank is None else random_down(weights, rank, columns, config.seed, planned.index),
         )
         self.runtime.add(planned.concept.name, eraser, trainable=True)
         source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
@@ -155,6 +159,19 @@ class TrainingRun:
             self.runtime.discard(name)
         if not self.runtime.erasers:
             self.pipe.unload_sepme()
+
+
+def random_down(weights: dict[str, torch.Tensor], rank: int, columns: int, seed: int,
+                index: int) -> dict[str, torch.Tensor]:
+    """Rank-r erasers: a trainable `A` (r x m) per layer with random orthonormal rows, seeded by the concept's
+    index only (so separate and simultaneous modes start alike). With `B = 0` the increment starts at zero, and
+    `A S_p^T` has orthonormal rows: `B` learns like a full-rank `w` restricted to r directions of the basis."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (index + 1))
+    down = {}
+    for layer, w in weights.items():
+        q, _ = torch.linalg.qr(torch.randn(columns, rank, generator=generator, dtype=torch.float64))
+        down[layer] = torch.nn.Parameter(q.T.to(device=w.device, dtype=w.dtype).contiguous())
+    return down
 
 
 def checkpoint_folder(root: Path | None, index: int, tracks: list[ConceptTrack], dense: bool, config: TrainConfig,
@@ -196,6 +213,7 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
     measured leakage certificate in its metadata."""
     eraser = track.eraser
     eraser.weights = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.weights.items()}
+    eraser.down = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.down.items()}
     concepts = [p for c in run.concepts for p in c.prompts] if run.shared_dense else list(track.concept.prompts)
     eraser.metadata = {
         **base,
