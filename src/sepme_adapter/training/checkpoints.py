@@ -38,7 +38,8 @@ def _track_tensors(i: int, track: ConceptTrack) -> dict[str, torch.Tensor]:
 def _track_state(track: ConceptTrack) -> dict[str, Any]:
     return {
         "name": track.concept.name, "prompt": track.concept.prompt, "history": track.history,
-        "regulariser": track.regulariser, "momentum": track.stop.value, "steps": track.stop.steps,
+        "relative": track.relative, "regulariser": track.regulariser, "momentum": track.stop.value,
+        "steps": track.stop.steps, "below": track.stop.below,
         "done": track.done, "stopped_early": track.stopped_early, "seconds": track.seconds,
     }
 
@@ -89,7 +90,8 @@ def _restore_track(i: int, track: ConceptTrack, saved: dict[str, Any], tensors: 
     track.optimizer.load_state_dict(adam)
     track.generator.set_state(tensors[f"{i}/rng"])
     track.history, track.regulariser = list(saved["history"]), list(saved["regulariser"])
-    track.stop.value, track.stop.steps = saved["momentum"], saved["steps"]
+    track.relative = list(saved["relative"])
+    track.stop.value, track.stop.steps, track.stop.below = saved["momentum"], saved["steps"], saved["below"]
     track.done, track.stopped_early, track.seconds = saved["done"], saved["stopped_early"], saved["seconds"]
 
 

@@ -10,19 +10,26 @@ from typing import Any
 from ..errors import TrainingError
 
 MODES = ("simultaneous", "separate", "iterative", "gcirs")
+STOP_STATISTICS = ("rho", "l_cor")
 
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters; defaults are the paper's (Sec. 4.2 Implementation Details).
+    """Hyperparameters. The defaults need no tuning per model (`calibration.py`); `TrainConfig.paper()` gives
+    the paper's SD v1.4 values (Sec. 4.2 Implementation Details), which learn nothing on other models.
 
     Attributes:
-        lr: Adam learning rate for the weight-decoupled `w`s (SepME).
-        gcirs_lr: Adam learning rate for dense G-CiRs increments on all attn2 weights.
-        beta: the fixed scale of Eq. 10.
+        lr: Adam learning rate for the weight-decoupled `w`s (SepME); None = scale-free per layer from `eta`.
+        eta: the scale-free step: the relative change of the concept's keys / values one Adam step may make
+            (`calibration.layer_learning_rates`), used when `lr` (or `gcirs_lr`) is None.
+        gcirs_lr: Adam learning rate for dense G-CiRs increments; None = `eta * rms(W_l)` per layer.
+        beta: the fixed scale of Eq. 10 (with the scale-free `lr` only a storage scale: 1 keeps `w` fp16-safe).
         lam: lambda, weight of `||w||_1 / M` (Eq. 11).
         tau: early-stop threshold on the momentum statistic (Eq. 4).
         alpha: momentum of Eq. 4.
+        patience: stop once the statistic stays at or below `tau` for this many consecutive iterations.
+        stop_on: the statistic: `rho` (relative correlation, 1 before training; default, tau -0.25) or
+            `l_cor` (the paper's `sum_i eta_i L_cor_i`, tau 0).
         max_iterations: at most this many optimisation steps per concept.
         warmup: iterations before the early-stop check starts (authors' code: 10).
         seed: seeds reference images, timesteps and noise.
@@ -42,13 +49,16 @@ class TrainConfig:
             that keeps the exactness of the basis (a rank >= m trains full rank).
     """
 
-    lr: float = 1e-2
-    gcirs_lr: float = 1e-6
-    beta: float = 1e-4
-    lam: float = 3e-5
-    tau: float = 0.0
+    lr: float | None = None
+    eta: float = 1e-2
+    gcirs_lr: float | None = None
+    beta: float = 1.0
+    lam: float = 0.0
+    tau: float = -0.25
     alpha: float = 0.9
-    max_iterations: int = 1000
+    patience: int = 10
+    stop_on: str = "rho"
+    max_iterations: int = 400
     warmup: int = 10
     seed: int = 0
     images_per_concept: int = 8
@@ -61,10 +71,20 @@ class TrainConfig:
     concepts_per_pass: int = 0
     rank: int | None = None
 
+    @classmethod
+    def paper(cls, **overrides: Any) -> TrainConfig:
+        """The paper's SD v1.4 settings: Adam lr 1e-2 (G-CiRs 1e-6), beta 1e-4, lambda 3e-5, stop when the
+        momentum of `L_cor` reaches 0, at most 1000 iterations (`sepme erase --preset paper`)."""
+        settings = dict(lr=1e-2, gcirs_lr=1e-6, beta=1e-4, lam=3e-5, tau=0.0, patience=1, stop_on="l_cor",
+                        max_iterations=1000)
+        return cls(**{**settings, **overrides})
+
     def validate(self) -> None:
         """Refuse NaN, infinite or out-of-range values before any work starts."""
-        check_numbers(self, positive=("lr", "gcirs_lr", "beta", "max_iterations", "images_per_concept",
-                                      "reference_steps", "ddim_steps", "checkpoint_every"),
+        if self.stop_on not in STOP_STATISTICS:
+            raise TrainingError(f"TrainConfig.stop_on must be one of {STOP_STATISTICS}, got {self.stop_on!r}")
+        check_numbers(self, positive=("lr", "eta", "gcirs_lr", "beta", "max_iterations", "images_per_concept",
+                                      "reference_steps", "ddim_steps", "checkpoint_every", "patience"),
                       non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass"))
         if not 0 <= self.alpha < 1:
             raise TrainingError(f"TrainConfig.alpha must be in [0, 1), got {self.alpha!r}")
@@ -86,8 +106,8 @@ def check_numbers(config: Any, positive: Sequence[str] = (), non_negative: Seque
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TrainingError(f"{name}.{item.name} must be a finite number, got {value!r}")
     for field_name in positive:
-        if getattr(config, field_name) <= 0:
+        if getattr(config, field_name) is not None and getattr(config, field_name) <= 0:
             raise TrainingError(f"{name}.{field_name} must be > 0, got {getattr(config, field_name)!r}")
     for field_name in non_negative:
-        if getattr(config, field_name) < 0:
+        if getattr(config, field_name) is not None and getattr(config, field_name) < 0:
             raise TrainingError(f"{name}.{field_name} must be >= 0, got {getattr(config, field_name)!r}")

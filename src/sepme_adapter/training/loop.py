@@ -68,13 +68,14 @@ def apply_step(result: StepResult, dense: bool, config: TrainConfig) -> None:
         owner.optimizer.step()
 
 
-def record(result: StepResult, seconds: float) -> None:
-    """Append each owner's loss and regulariser, and let its momentum stop (Eq. 4) decide."""
-    for track, value, regulariser in zip(result.owners, result.recorded, result.regularisers):
+def record(result: StepResult, seconds: float, stop_on: str) -> None:
+    """Append each owner's loss, rho and regulariser, and let its momentum stop (Eq. 4) decide on `stop_on`."""
+    for track, value, regulariser, rho in zip(result.owners, result.recorded, result.regularisers, result.relatives):
         track.history.append(value)
+        track.relative.append(rho)
         track.regulariser.append(regulariser)
         track.seconds += seconds / len(result.owners)
-        if track.stop.update(value):
+        if track.stop.update(rho if stop_on == "rho" else value):
             track.done = track.stopped_early = True
 
 
@@ -96,9 +97,9 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
             else:
                 result = decoupled_step(unet, runtime, live, batch, config)
             apply_step(result, dense, config)
-            record(result, time.monotonic() - started)
+            record(result, time.monotonic() - started, config.stop_on)
             bar.update(1)
-            bar.set_postfix({t.concept.name: f"{t.history[-1]:+.2e}/{t.stop.value:+.1e}" for t in result.owners})
+            bar.set_postfix({t.concept.name: f"rho {t.relative[-1]:+.2f}/{t.stop.value:+.2f}" for t in result.owners})
             checkpoints.save_if_due(result.owners[0].stop.steps)
     except BaseException:
         checkpoints.save()

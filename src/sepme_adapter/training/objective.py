@@ -3,7 +3,9 @@
 For concept i the correlation loss (Eq. 2)
     L_cor(c_i, dW) = mean( D(c_i, theta) * D(c_i, theta + dW) ),   D(c, .) = eps(., x_t, c) - eps(., x_t, c_0)
 is balanced across concepts by eta_i (Eq. 3), regularised by `lambda * ||w||_1 / M` (Eq. 11), and
-training stops on a momentum statistic (Eq. 4).
+training stops on a momentum statistic (Eq. 4). The paper's statistic is `L_cor` itself; the default
+is its scale-free form, the relative correlation `rho = sum(D_o * D_n) / sum(D_o^2)` (1 before
+training, 0 when uncorrelated), which does not swing with the timestep or the model's noise scale.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ def correlation_loss(original: torch.Tensor, edited: torch.Tensor) -> torch.Tens
     return (original * edited).flatten(1).mean(dim=1)
 
 
+def relative_correlation(original: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """`rho = sum(D(c, theta) * D(c, theta + dW)) / sum(D(c, theta)^2)` per batch row: Eq. 2 made scale-free."""
+    original, edited = original.flatten(1).detach(), edited.flatten(1).detach()
+    return (original * edited).sum(1) / original.pow(2).sum(1).clamp_min(1e-30)
+
+
 def balance_weights(losses: Sequence[float]) -> list[float]:
     """Eq. 3: `eta_i = |L_cor(c_1)| / |L_cor(c_i)|` (detached), balancing concepts."""
     first = abs(float(losses[0]))
@@ -32,16 +40,20 @@ def l1_norm_per_layer(weights: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class MomentumStop:
-    """Eq. 4: `L_mom_n = alpha * L_mom_{n-1} + (1 - alpha) * L_n`; stop once `L_mom_n <= tau` after warm-up."""
+    """Eq. 4: `L_mom_n = alpha * L_mom_{n-1} + (1 - alpha) * L_n`; stop once `L_mom_n <= tau` after warm-up,
+    for `patience` consecutive iterations (the paper: 1; one noisy sample then cannot end training)."""
 
     alpha: float
     tau: float
     warmup: int
     value: float = 0.0
     steps: int = 0
+    patience: int = 1
+    below: int = 0  # consecutive iterations at or below tau
 
     def update(self, loss: float) -> bool:
-        """Add one iteration's loss; return True when training should stop."""
+        """Add one iteration's statistic; return True when training should stop."""
         self.value = self.alpha * self.value + (1 - self.alpha) * loss
         self.steps += 1
-        return self.steps > self.warmup and self.value <= self.tau
+        self.below = self.below + 1 if self.steps > self.warmup and self.value <= self.tau else 0
+        return self.below >= self.patience

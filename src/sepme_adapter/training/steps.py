@@ -16,7 +16,7 @@ import torch
 from ..processor import ErasureRuntime
 from .config import TrainConfig
 from .harness import compute_dtype, noisy_latents
-from .objective import balance_weights, correlation_loss, l1_norm_per_layer
+from .objective import balance_weights, correlation_loss, l1_norm_per_layer, relative_correlation
 from .track import ConceptTrack
 
 
@@ -38,9 +38,10 @@ class StepResult:
 
     owners: list[ConceptTrack]
     losses: list[float]  # L_cor of each live concept
-    recorded: list[float]  # per owner: the loss its history and momentum stop see
+    recorded: list[float]  # per owner: the loss its history records (and the paper's stop sees)
     regularisers: list[float]  # per owner: ||w||_1 / M
     objective: float
+    relatives: list[float]  # per owner: rho, the relative correlation (the default stop sees it)
 
 
 def _concept_and_blank(unet, x_t: torch.Tensor, timesteps: torch.Tensor, concept_text: torch.Tensor,
@@ -72,6 +73,7 @@ def dense_step(unet, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch
         edited = _concept_and_blank(unet, batch.x_t, batch.timesteps, batch.concept_text, batch.blank_text)
     edited_concept, edited_blank = edited.chunk(2)
     losses = correlation_loss(batch.original, edited_concept - edited_blank)
+    rho = float(relative_correlation(batch.original, edited_concept - edited_blank).mean())
     values = [float(v) for v in losses.detach()]
     eta = balance_weights(values)
     regulariser = l1_norm_per_layer(shared.parameters)
@@ -79,19 +81,22 @@ def dense_step(unet, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch
     shared.optimizer.zero_grad(set_to_none=True)
     objective.backward()
     combined = sum(e * v for e, v in zip(eta, values))
-    return StepResult([shared], values, [combined], [float(regulariser.detach())], float(objective.detach()))
+    return StepResult([shared], values, [combined], [float(regulariser.detach())], float(objective.detach()), [rho])
 
 
 def _decoupled_pass(unet, runtime: ErasureRuntime, part: Sequence[ConceptTrack], rows: slice, batch: Batch,
-                    config: TrainConfig) -> tuple[list[float], list[float], float]:
+                    config: TrainConfig) -> tuple[list[float], list[float], float, list[float]]:
     """One graph pass for some concepts: backpropagate `L_cor_i + lambda ||w_i||_1 / M` of each (Eq. 2, 11)."""
     with runtime.per_row([t.concept.name for t in part]):
         edited = unet(batch.x_t[rows], batch.timesteps[rows], batch.concept_text[rows]).sample
-    losses = correlation_loss(batch.original[rows], edited.to(compute_dtype(unet.dtype)) - batch.eps_blank[rows])
+    direction = edited.to(compute_dtype(unet.dtype)) - batch.eps_blank[rows]  # D(c_i, theta + dW_i)
+    losses = correlation_loss(batch.original[rows], direction)
+    relatives = [float(r) for r in relative_correlation(batch.original[rows], direction)]
     regularisers = [l1_norm_per_layer(t.parameters) for t in part]
     objective = sum(losses[i] + config.lam * regularisers[i] for i in range(len(part)))
     objective.backward()  # disjoint parameters: per-pass gradients are the full ones
-    return [float(v) for v in losses.detach()], [float(r.detach()) for r in regularisers], float(objective.detach())
+    return ([float(v) for v in losses.detach()], [float(r.detach()) for r in regularisers], float(objective.detach()),
+            relatives)
 
 
 def decoupled_step(unet, runtime: ErasureRuntime, live: list[ConceptTrack], batch: Batch,
@@ -103,11 +108,11 @@ def decoupled_step(unet, runtime: ErasureRuntime, live: list[ConceptTrack], batc
     """
     for track in live:
         track.optimizer.zero_grad(set_to_none=True)
-    values, regularisers, objective = [], [], 0.0
+    values, regularisers, objective, relatives = [], [], 0.0, []
     chunk = config.concepts_per_pass or len(live)
     for first in range(0, len(live), chunk):
-        part_values, part_regularisers, part_objective = _decoupled_pass(
+        part_values, part_regularisers, part_objective, part_relatives = _decoupled_pass(
             unet, runtime, live[first : first + chunk], slice(first, first + chunk), batch, config)
         values, regularisers = values + part_values, regularisers + part_regularisers
-        objective += part_objective
-    return StepResult(live, values, values, regularisers, objective)
+        objective, relatives = objective + part_objective, relatives + part_relatives
+    return StepResult(live, values, values, regularisers, objective, relatives)

@@ -23,7 +23,8 @@ class ConceptTrack:
     stop: MomentumStop
     latents: torch.Tensor
     embedding: torch.Tensor
-    history: list[float] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)  # L_cor (Eq. 2) per iteration
+    relative: list[float] = field(default_factory=list)  # rho = L_cor / mean(D_o^2) per iteration
     regulariser: list[float] = field(default_factory=list)
     done: bool = False
     stopped_early: bool = False
@@ -35,13 +36,16 @@ class ConceptTrack:
         return [*self.eraser.weights.values(), *self.eraser.down.values()]
 
     @classmethod
-    def start(cls, concept: Concept, eraser: Eraser, lr: float, index: int, config: TrainConfig,
+    def start(cls, concept: Concept, eraser: Eraser, groups: list[dict], index: int, config: TrainConfig,
               latents: torch.Tensor, embedding: torch.Tensor) -> ConceptTrack:
-        """A fresh track: Adam on the eraser's `w`s, and the concept's own seeded random stream."""
+        """A fresh track: Adam on the eraser's parameter groups (`calibration.parameter_groups`: one learning
+        rate per layer), the concept's own seeded random stream, and its early stop."""
+        stop = MomentumStop(config.alpha, config.tau, config.warmup, value=1.0 if config.stop_on == "rho" else 0.0,
+                            patience=config.patience)
         return cls(
-            concept=concept, eraser=eraser, optimizer=torch.optim.Adam([*eraser.weights.values(), *eraser.down.values()], lr=lr),
+            concept=concept, eraser=eraser, optimizer=torch.optim.Adam(groups),
             generator=torch.Generator().manual_seed(config.seed * 100_003 + index),
-            stop=MomentumStop(config.alpha, config.tau, config.warmup), latents=latents, embedding=embedding,
+            stop=stop, latents=latents, embedding=embedding,
         )
 
     def follower(self, concept: Concept, latents: torch.Tensor, embedding: torch.Tensor) -> ConceptTrack:

@@ -24,6 +24,7 @@ from ..errors import TrainingError
 from ..processor import ErasureRuntime
 from ..text import encode_prompts
 from ..unet import modified_layers
+from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
 from .concepts import Concept, prepare_concepts
 from .config import MODES, TrainConfig
@@ -137,8 +138,8 @@ class TrainingRun:
         )
         self.runtime.add(planned.concept.name, eraser, trainable=True)
         source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
-        return ConceptTrack.start(planned.concept, eraser, config.gcirs_lr if dense else config.lr, planned.index,
-                                  config, *self.images(source))
+        groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config)
+        return ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
 
     def images(self, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
         """The concept's reference latents and, for each, the embedding of the prompt it pairs with."""
@@ -223,11 +224,14 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
             "iterations": track.stop.steps,
             "stopped_early": track.stopped_early,
             "final_l_cor": track.history[-1] if track.history else None,
+            "final_rho": track.relative[-1] if track.relative else None,
             "final_l_mom": track.stop.value,
+            "learning_rate_range": [min(g["lr"] for g in track.optimizer.param_groups),
+                                    max(g["lr"] for g in track.optimizer.param_groups)],
             "seconds": round(track.seconds, 3),
             "total_seconds": round(time.monotonic() - started, 3),
         },
-        "history": {"l_cor": track.history, "regulariser": track.regulariser},
+        "history": {"l_cor": track.history, "rho": track.relative, "regulariser": track.regulariser},
     }
     eraser.validate(f"trained eraser {track.concept.name!r}")
     eraser.metadata["stats"]["dtheta_p"] = eraser.dtheta_p()
