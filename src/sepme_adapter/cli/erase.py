@@ -19,6 +19,7 @@ from ..files import eraser_filename
 from ..pipelines import load_pipeline
 from ..training import MODES, Concept, TrainConfig, train_erasers, write_report
 from ..training.concepts import TEMPLATES, merge_concepts, read_concepts_csv
+from ..training.config import STOP_STATISTICS
 from .options import add_model_options, concept_list, new_command
 
 METHODS = ("sepme", "gcirs", *BASELINE_METHODS)
@@ -52,13 +53,20 @@ def register(subparsers: Any) -> None:
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per `TrainConfig` field (`--max-iterations` ...) and per baseline setting (`--esd-lr` ...)."""
-    defaults = TrainConfig()
+    """`--preset`, one flag per `TrainConfig` field (`--max-iterations` ...) and per baseline setting (`--esd-lr` ...)."""
+    parser.add_argument("--preset", choices=("default", "paper"), default="default",
+                        help="default: settings that need no tuning per model (scale-free step sizes, stop on the "
+                             "relative correlation); paper: the paper's SD v1.4 values (lr 1e-2, beta 1e-4, "
+                             "lambda 3e-5, tau 0, 1000 iterations). Flags below override the preset.")
+    defaults, paper = TrainConfig(), TrainConfig.paper()
     for item in fields(TrainConfig):
         default = getattr(defaults, item.name)
-        kind = int if str(item.type).split(" | ")[0] == "int" else float  # `rank: int | None` parses as int
-        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, type=kind, default=default,
-                            help=f"(default {default})")
+        if isinstance(default, str):
+            kind: dict[str, Any] = {"choices": STOP_STATISTICS}
+        else:
+            kind = {"type": float if isinstance(default, float) or default is None else int}
+        parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=None,
+                            help=f"(default {default}; paper preset {getattr(paper, item.name)})", **kind)
     group = parser.add_argument_group("baselines (--method esd / ablation / fmn / uce)")
     baseline_defaults = BaselineConfig()
     for name in METHOD_FIELDS:
@@ -98,7 +106,8 @@ def concepts_to_erase(args: argparse.Namespace) -> list[Concept]:
 
 
 def _train(args: argparse.Namespace, pipe: Any, shard: tuple[int, int] | None, out: Path) -> list[Eraser]:
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    config = TrainConfig.paper(**given) if args.preset == "paper" else TrainConfig(**given)
     concepts, protected = concepts_to_erase(args), args.protect or []
     known = parse_concepts(args.known, args.templates)
     if args.method in ("sepme", "gcirs"):
