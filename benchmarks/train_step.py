@@ -275,7 +275,7 @@ def worker(args: argparse.Namespace) -> None:
     pipe = build_pipeline(args.size, args.latent)
     concepts = CONCEPTS[: args.concepts]
     # no early stop: exactly `steps` steps
-    config = TrainConfig(max_iterations=args.steps, tau=-1e30, seed=0, concepts_per_pass=args.concepts_per_pass)
+    config = TrainConfig.paper(max_iterations=args.steps, tau=-1e30, seed=0, concepts_per_pass=args.concepts_per_pass)
     folder = Path(args.data) / f"images-{args.size}"
     built = time.perf_counter() - started
     if args.worker == "ours":
