@@ -48,3 +48,21 @@ def test_a_compact_basis_gets_a_measured_nonzero_certificate_that_travels_with_t
     assert loaded.certificate == eraser.certificate
     pipe.load_sepme(loaded, erase=False)
     assert pipe.list_sepme()["vangogh"]["certificate"] == eraser.certificate
+
+
+def test_verify_rechecks_the_certificate_and_honours_a_user_threshold(pipe):
+    from sepme_adapter.verify import verify_eraser
+
+    exact = make_eraser(pipe, "vangogh")
+    basis, _ = compact_basis(list(encode_prompts(pipe, exact.excluded_prompts)), max_leakage=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    weights = {k: torch.randn(w.shape[0], basis.shape[1], generator=generator) * 2000.0
+               for k, w in exact.weights.items()}
+    eraser = certify(pipe, Eraser(name="vangogh", prompt=CONCEPTS["vangogh"], basis=basis, weights=weights,
+                                  known=exact.known, protected=exact.protected,
+                                  metadata={**exact.metadata, "basis": {"kind": "compact"}}))
+    assert verify_eraser(pipe, eraser)["ok"]  # a compact basis leaks by design: judged by its certificate
+    strict = verify_eraser(pipe, eraser, max_leakage=eraser.certificate / 2)
+    assert not strict["ok"] and "max-leakage" in " ".join(strict["problems"])
+    eraser.metadata["certificate"]["max_leakage"] = eraser.certificate / 10  # a file claiming too little
+    assert "does not hold" in " ".join(verify_eraser(pipe, eraser)["problems"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .certificate import leakage_certificate
 from .eraser import Eraser
 from .text import encode_prompts
 from .unet import base_linear
@@ -25,7 +26,8 @@ LEAK_TOLERANCE = 1e-4  # relative to the increment's effect on the concept's own
 MIN_EFFECT = 1e-3
 
 
-def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT) -> dict[str, Any]:
+def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT,
+                  max_leakage: float | None = None) -> dict[str, Any]:
     """Per-layer leakage and effect of one eraser on the pipeline's base weights.
 
     The effect is judged relative to the model's own scale: `concept_change` is
@@ -71,12 +73,32 @@ def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT) -> 
     if concept_change < min_effect:
         problems.append(f"the increment changes its concept's keys and values by {concept_change:.1e} of their "
                         f"size (< {min_effect:.0e}, below half-precision round-off): the eraser does nothing")
-    if eraser.separable and worst_leak > LEAK_TOLERANCE:
+    compact = (eraser.metadata.get("basis") or {}).get("kind") == "compact"
+    if eraser.separable and not compact and worst_leak > LEAK_TOLERANCE:
         problems.append(f"blank / known / protected prompts leak {worst_leak:.2e} > {LEAK_TOLERANCE:.0e}")
+    certificate = leakage_certificate(pipe, eraser)["max_leakage"] if eraser.separable else None
+    problems += certificate_problems(eraser, certificate, max_leakage)
     return {"name": eraser.name, "separable": eraser.separable, "worst_leak": worst_leak,
+            "certificate": certificate, "stored_certificate": eraser.certificate,
             "concept_change": concept_change, "min_effect": min_effect,
             "largest_concept_change": max((e.get("concept_change", 0.0) for e in layers.values()), default=0.0),
             "ok": not problems, "problems": problems, "layers": layers}
+
+
+def certificate_problems(eraser: Eraser, measured: float | None, max_leakage: float | None) -> list[str]:
+    """The leakage certificate re-measured on this base model: it must hold what the file claims (within
+    1 % or 1e-6) and stay under the user's `max_leakage`."""
+    if measured is None:
+        return []
+    problems = []
+    claimed = eraser.certificate
+    if claimed is not None and measured > max(1.01 * claimed, claimed + 1e-6):
+        problems.append(f"the leakage certificate does not hold on this model: measured {measured:.2e}, "
+                        f"the file claims {claimed:.2e}")
+    if max_leakage is not None and measured > max_leakage:
+        problems.append(f"leakage certificate {measured:.2e} > --max-leakage {max_leakage:.0e}: known, protected "
+                        f"or blank prompts change by more than allowed")
+    return problems
 
 
 def verify_fused(base: Any, fused: Any, erasers: Sequence[Eraser], rtol: float = 1e-3) -> dict[str, Any]:

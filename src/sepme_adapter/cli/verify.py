@@ -26,12 +26,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--min-effect", type=float, default=MIN_EFFECT,
                         help=f"fail an eraser whose relative change of its concept's keys / values is below this "
                              f"(default {MIN_EFFECT:g}: below half-precision round-off)")
+    parser.add_argument("--max-leakage", type=float, default=None,
+                        help="fail an eraser whose re-measured leakage certificate (the largest relative change of "
+                             "any attn2 key / value over its known, protected and blank prompts) exceeds this "
+                             "(default: only check that the file's own certificate holds)")
 
 
 def _print_reports(reports: list[dict[str, Any]], fused_report: dict[str, Any] | None, verbose: bool) -> None:
     for report in reports:
         status = "ok" if report["ok"] else "FAIL: " + "; ".join(report["problems"])
-        print(f"{report['name']:>20}  leak {report['worst_leak']:.2e}  concept change "
+        certificate = "-" if report["certificate"] is None else f"{report['certificate']:.2e}"
+        print(f"{report['name']:>20}  leak {report['worst_leak']:.2e}  certificate {certificate}  concept change "
               f"{report['concept_change']:.2e}  {status}")
         if verbose:
             for layer, entry in report["layers"].items():
@@ -44,7 +49,7 @@ def _print_reports(reports: list[dict[str, Any]], fused_report: dict[str, Any] |
 def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.model, args.device, "float32")
     erasers = [Eraser.load(p) for source in args.erasers for p in resolve_eraser_files(source)]
-    reports = [verify_eraser(pipe, e, min_effect=args.min_effect) for e in erasers]
+    reports = [verify_eraser(pipe, e, min_effect=args.min_effect, max_leakage=args.max_leakage) for e in erasers]
     fused_report = None
     if args.fused_model:
         fused_report = verify_fused(pipe, load_pipeline(args.fused_model, args.device, "float32"), erasers)
