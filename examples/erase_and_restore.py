@@ -15,7 +15,7 @@ from sepme_adapter.training import TrainConfig, train_erasers
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the demo world)")
 parser.add_argument("--concept", action="append", default=None)
-parser.add_argument("--iterations", type=int, default=100)
+parser.add_argument("--iterations", type=int, default=400, help="at most this many (the default stop usually ends sooner)")
 args = parser.parse_args()
 
 pipe = load_pipeline(args.model or demo.pipeline_path())
