@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 import sepme_adapter
 from sepme_adapter.basis import null_space_basis
 from sepme_adapter.fingerprint import fingerprint
-from sepme_adapter.text import encode_prompts
+from sepme_adapter.text import added_cond_kwargs, encode_prompts, encode_prompts_pooled
 from sepme_adapter.unet import cross_attention_modules
 
 CONCEPTS = {
@@ -92,9 +92,10 @@ def keys_and_values(pipe, prompts):
         if not isinstance(target, RecordingProcessor):
             raise AssertionError("install recording processors before loading erasers")
         target.log = log
-    text = encode_prompts(pipe, prompts)
+    text, pooled = encode_prompts_pooled(pipe, prompts)  # pooled: SDXL's added conditions (None for SD v1 / v2)
     with torch.no_grad():
-        pipe.unet(torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0)), 10, text)
+        pipe.unet(torch.randn(len(prompts), 4, 8, 8, generator=torch.Generator().manual_seed(0)), 10, text,
+                  **added_cond_kwargs(pipe, pooled))
     return log
 
 
@@ -106,9 +107,10 @@ def recording(pipe):
 
 
 def unet_output(pipe, prompt="a painting by van gogh"):
-    text = encode_prompts(pipe, [prompt, ""])
+    text, pooled = encode_prompts_pooled(pipe, [prompt, ""])
     with torch.no_grad():
-        return pipe.unet(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), 500, text).sample
+        return pipe.unet(torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), 500, text,
+                         **added_cond_kwargs(pipe, pooled)).sample
 
 
 def brightness(name, images):

@@ -28,7 +28,13 @@ from .errors import (
     TrainingError,
 )
 from .hub import export_lora, push_to_hub
-from .loader import SepMELoaderMixin, SepMEStableDiffusionPipeline, SepMEWarning, attach
+from .loader import (
+    SepMELoaderMixin,
+    SepMEStableDiffusionPipeline,
+    SepMEStableDiffusionXLPipeline,
+    SepMEWarning,
+    attach,
+)
 from .processor import ErasureRuntime, SepMEAttnProcessor
 
 __version__ = "0.1.0"
@@ -44,6 +50,7 @@ __all__ = [
     "SepMEError",
     "SepMELoaderMixin",
     "SepMEStableDiffusionPipeline",
+    "SepMEStableDiffusionXLPipeline",
     "SepMEStateError",
     "SepMEWarning",
     "TrainingError",

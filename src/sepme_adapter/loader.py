@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, StableDiffusionPipeline
+from diffusers import ModelMixin, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from .eraser import Eraser
 from .errors import BaseModelMismatchError, SepMEStateError
@@ -376,16 +376,21 @@ _MIXIN_METHODS = [
 def attach(pipe: Any) -> Any:
     """Bind the SepME methods to an existing pipeline instance and return the same object.
 
-    Works for any pipeline with a `UNet2DConditionModel` (`unet`) and a CLIP text encoder with
-    `encode_prompt` (StableDiffusion, Img2Img, Inpaint; SD v1 and v2). Nothing is patched globally.
+    Works for any pipeline with a `UNet2DConditionModel` (`unet`), CLIP text encoder(s) and `encode_prompt`:
+    StableDiffusion, Img2Img and Inpaint of SD v1 and v2, and StableDiffusionXL, XL Img2Img and XL Inpaint
+    (and what `AutoPipelineFor*` returns for them). Nothing is patched globally.
 
     Example:
         >>> pipe = sepme_adapter.attach(StableDiffusionPipeline.from_pretrained(MODEL))
     """
-    missing = [a for a in ("unet", "text_encoder", "tokenizer", "encode_prompt") if getattr(pipe, a, None) is None]
+    has_encoder = any(getattr(pipe, a, None) is not None for a in ("text_encoder", "text_encoder_2"))
+    has_tokenizer = any(getattr(pipe, a, None) is not None for a in ("tokenizer", "tokenizer_2"))
+    missing = [a for a in ("unet", "encode_prompt") if getattr(pipe, a, None) is None]
+    missing += [] if has_encoder else ["text_encoder"]
+    missing += [] if has_tokenizer else ["tokenizer"]
     if missing:
-        raise TypeError(f"{type(pipe).__name__} lacks {missing}; SepME needs a Stable Diffusion pipeline "
-                        f"(UNet2DConditionModel + CLIP text encoder)")
+        raise TypeError(f"{type(pipe).__name__} lacks {missing}; SepME needs a Stable Diffusion (v1, v2 or XL) "
+                        f"pipeline (UNet2DConditionModel + CLIP text encoder)")
     if isinstance(pipe, SepMELoaderMixin):
         return pipe
     for name in _MIXIN_METHODS:
@@ -402,4 +407,14 @@ class SepMEStableDiffusionPipeline(SepMELoaderMixin, StableDiffusionPipeline):
     """
 
 
-__all__ = ["SepMELoaderMixin", "SepMEStableDiffusionPipeline", "SepMEWarning", "attach", "erasure_runtime"]
+class SepMEStableDiffusionXLPipeline(SepMELoaderMixin, StableDiffusionXLPipeline):
+    """`StableDiffusionXLPipeline` with the SepME methods.
+
+    Example:
+        >>> pipe = SepMEStableDiffusionXLPipeline.from_pretrained(SDXL_MODEL)
+        >>> pipe.load_sepme("vangogh.safetensors")
+    """
+
+
+__all__ = ["SepMELoaderMixin", "SepMEStableDiffusionPipeline", "SepMEStableDiffusionXLPipeline", "SepMEWarning",
+           "attach", "erasure_runtime"]

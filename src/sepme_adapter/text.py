@@ -1,4 +1,15 @@
-"""Prompt embeddings `c` exactly as the pipeline computes them (the rows of Eq. 8's `A_i`)."""
+"""Prompt embeddings `c` exactly as the pipeline computes them (the rows of Eq. 8's `A_i`).
+
+Stable Diffusion v1 / v2 have one text encoder; SDXL has two, and its prompt embedding is both
+encoders' penultimate hidden states side by side (768 + 1280 = 2048 wide), plus a pooled embedding
+(the second encoder's projected end-of-text token) that reaches the UNet through `add_embedding`
+together with six "time ids" (original size, crop corner, target size). `encode_prompts` returns
+the per-token embeddings every `attn2` reads; `encode_prompts_pooled` also the pooled ones, and
+`added_cond_kwargs` builds what an SDXL UNet call needs besides them.
+
+SDXL's unconditional branch: with `force_zeros_for_empty_prompt` (SDXL base's default) and no
+negative prompt the pipeline feeds zeros, not the blank prompt's embedding (`unconditional_embeddings`).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +19,69 @@ from typing import Any
 import torch
 
 
+def _text_device(pipe: Any) -> torch.device:
+    encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
+    return encoder.device
+
+
+def uses_added_conditions(unet: Any) -> bool:
+    """Whether the UNet takes pooled text embeddings and time ids (`addition_embed_type="text_time"`: SDXL)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """Text-encoder outputs `c` (`n x L x d_in`, float32, CPU) exactly as the pipeline computes them."""
+def encode_prompts_pooled(pipe: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token embeddings `c` (`n x L x d_in`) and the pooled embeddings (`n x d_pool`; None for SD v1 / v2),
+    float32 on the CPU, exactly as the pipeline's `encode_prompt` computes them for conditional prompts."""
     prompts = list(prompts)
     if not prompts:
-        return torch.empty(0)
-    device = pipe.text_encoder.device
-    embeddings = pipe.encode_prompt(prompts, device, 1, False)[0]
-    return embeddings.detach().float().cpu()
+        return torch.empty(0), None
+    encoded = pipe.encode_prompt(prompt=prompts, device=_text_device(pipe), num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+    pooled = encoded[2] if len(encoded) >= 4 and encoded[2] is not None else None
+    return encoded[0].detach().float().cpu(), None if pooled is None else pooled.detach().float().cpu()
+
+
+def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
+    """Text-encoder outputs `c` (`n x L x d_in`, float32, CPU) exactly as the pipeline computes them."""
+    return encode_prompts_pooled(pipe, prompts)[0]
+
+
+def zeros_for_empty_prompt(pipe: Any) -> bool:
+    """Whether the pipeline's unconditional branch uses zero embeddings (SDXL's `force_zeros_for_empty_prompt`)."""
+    config = getattr(pipe, "config", None) or {}
+    return bool(config.get("force_zeros_for_empty_prompt", False)) and hasattr(pipe, "text_encoder_2")
+
+
+def unconditional_embeddings(pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The embeddings of classifier-free guidance's unconditional branch without a negative prompt
+    (`1 x L x d_in`, and pooled `1 x d_pool` or None): the blank prompt's, or zeros where the pipeline
+    forces zeros for an empty negative prompt (SDXL). Any linear increment maps zeros to zeros, so
+    that branch is untouched by every eraser without being excluded."""
+    blank, pooled = encode_prompts_pooled(pipe, [""])
+    if zeros_for_empty_prompt(pipe):
+        return torch.zeros_like(blank), None if pooled is None else torch.zeros_like(pooled)
+    return blank, pooled
+
+
+def default_time_ids(pipe: Any) -> torch.Tensor:
+    """SDXL's `add_time_ids` for the pipeline's default image size, as its `__call__` builds them by default:
+    `(height, width, 0, 0, height, width)`, or `(height, width, 0, 0, 6.0)` for pipelines that condition on an
+    aesthetic score (the refiner's `requires_aesthetics_score`). Shape `1 x k`, float32."""
+    size = int(pipe.unet.config.sample_size * getattr(pipe, "vae_scale_factor", 8))
+    config = getattr(pipe, "config", None) or {}
+    if config.get("requires_aesthetics_score", False):
+        return torch.tensor([[size, size, 0, 0, 6.0]], dtype=torch.float32)
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
+
+
+def added_cond_kwargs(pipe: Any, pooled: torch.Tensor | None, like: torch.Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments an SDXL UNet call needs besides the per-token embeddings, for a batch whose rows
+    have these pooled embeddings: `{"added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}` (the default
+    size's time ids on every row); `{}` for a UNet without added conditions or when `pooled` is None.
+    `like`: a tensor whose device and dtype they take (default: the UNet's)."""
+    if pooled is None or not uses_added_conditions(pipe.unet):
+        return {}
+    device, dtype = (like.device, like.dtype) if like is not None else (pipe.unet.device, pipe.unet.dtype)
+    time_ids = default_time_ids(pipe).to(device=device, dtype=dtype).expand(len(pooled), -1)
+    return {"added_cond_kwargs": {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}}
