@@ -9,8 +9,15 @@ Configurations are interleaved (A B C .. C B A ..) and each figure is a median o
     .venv/bin/python benchmarks/inference_overhead.py            # tiny + SD v1.5 size (minutes)
     .venv/bin/python benchmarks/inference_overhead.py --quick    # tiny only, few repeats
 
-The last line is `RESULT overhead_1=.. overhead_3=.. overhead_10=.. fused=.. set_erased_ms=..`, ratios
-to the plain UNet (no SepME at all), for the SD v1.5-size UNet (the tiny one with --quick).
+Then a whole generation (`steady`): per configuration (plain, 3 active) a run of UNet calls on the same
+text tensor, as a pipeline makes them: the first call after `set_erased` computes every layer's
+increment, the later ones reuse them; the cost of a 25-step generation is first + 24 x later.
+
+    .venv/bin/python benchmarks/inference_overhead.py --rounds 0 --steady-steps 4   # SD size: generation only
+
+The last line is `RESULT overhead_1=.. overhead_3=.. overhead_10=.. fused=.. set_erased_ms=.. first_3=..
+later_3=.. steady_3=.. threads=..`, ratios to the plain UNet (no SepME at all), for the SD v1.5-size UNet
+(the tiny one with --quick; the first five are left out with --rounds 0).
 """
 
 from __future__ import annotations
@@ -138,11 +145,57 @@ def run(title: str, pipe, tokens: int, latent: int, rounds: int, calls: int, clo
     return {**ratios, "set_erased_ms": statistics.median(switch)}
 
 
+def steady(title: str, pipe, tokens: int, latent: int, rounds: int, steps: int, clock,
+           generation: int = 25) -> dict[str, float]:
+    """A generation's cost: the first UNet call after `set_erased` (increments computed) and the following
+    ones (each layer's increment reused: same text tensor, same plan), plain UNet vs 3 active erasers.
+
+    `steps` calls per configuration and round are timed; the whole `generation`-step cost is
+    first + (generation - 1) x median(later calls), per round, and the ratio is the median over rounds.
+    """
+    width = pipe.unet.config.cross_attention_dim
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 4, latent, latent), torch.tensor(500), torch.randn(2, tokens, width))
+    bench = Bench(pipe, random_erasers(pipe, 3, width - 3 * tokens), inputs, clock)
+    print(f"\n== {title}, whole generation: {rounds} rounds x {steps} calls per configuration, "
+          f"extrapolated to {generation} steps", flush=True)
+    for config in ("plain", "3"):
+        bench.apply(config)
+        bench.call()
+    first: dict[str, list[float]] = {"plain": [], "3": []}
+    later: dict[str, list[float]] = {"plain": [], "3": []}
+    for r in range(rounds):
+        for config in ("plain", "3") if r % 2 == 0 else ("3", "plain"):
+            bench.apply(config)  # a new plan: the first call computes every increment
+            times = [bench.call() for _ in range(steps)]
+            first[config].append(times[0])
+            later[config].append(statistics.median(times[1:]))
+    whole = {c: [f + (generation - 1) * t for f, t in zip(first[c], later[c])] for c in first}
+    bench.apply("plain")
+    result = {
+        "first_3": statistics.median(a / b for a, b in zip(first["3"], first["plain"])),
+        "later_3": statistics.median(a / b for a, b in zip(later["3"], later["plain"])),
+        "steady_3": statistics.median(a / b for a, b in zip(whole["3"], whole["plain"])),
+    }
+    for config, label in (("plain", "no erasers (plain UNet)"), ("3", "3 active")):
+        print(f"  {label:<24} first call {1e3 * statistics.median(first[config]):9.1f} ms   later calls "
+              f"{1e3 * statistics.median(later[config]):9.1f} ms   {generation}-step generation "
+              f"{statistics.median(whole[config]):7.2f} s")
+    print(f"  3 active / plain: first call {result['first_3']:.4f}, later calls {result['later_3']:.4f}, "
+          f"whole {generation}-step generation {result['steady_3']:.4f}")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny UNet only, few repeats (a smoke run)")
     parser.add_argument("--latent", type=int, default=16, help="SD latent side (16: 128x128 pixels)")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds at SD size")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="interleaved rounds of the first-call table at SD size (0: skip it, whole generation only)")
+    parser.add_argument("--steady-steps", type=int, default=4,
+                        help="UNet calls timed per configuration and round for the whole-generation figure")
+    parser.add_argument("--steady-rounds", type=int, default=3, help="interleaved rounds for the whole-generation figure")
+    parser.add_argument("--generation-steps", type=int, default=25, help="denoising steps of the generation reported")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: no OpenMP stalls when other jobs share the cores)")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
@@ -158,14 +211,22 @@ def main() -> None:
     tiny = sepme_adapter.attach(tiny_pipeline())
     result = run("tiny UNet", tiny, tokens=8, latent=8, rounds=3 if args.quick else 10, calls=3 if args.quick else 10,
                  clock=clock)
+    result.update(steady("tiny UNet", sepme_adapter.attach(tiny_pipeline()), 8, 8, args.steady_rounds,
+                         max(args.steady_steps, 10), clock, args.generation_steps))
     if not args.quick:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**sd15_unet_config()).eval()
-        result = run("SD v1.5-size UNet (random weights)", UNetOnly(unet, 77), 77, args.latent, args.rounds, 1,
-                     clock)
+        sd = UNetOnly(unet, 77)
+        title = f"SD v1.5-size UNet (random weights), latents {args.latent} x {args.latent}"
+        if args.rounds:
+            result = run(title, sd, 77, args.latent, args.rounds, 1, clock)
+        result.update(steady(title, sd, 77, args.latent, args.steady_rounds, args.steady_steps, clock,
+                             args.generation_steps))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
-    print(f"RESULT overhead_1={result['1']:.4f} overhead_3={result['3']:.4f} overhead_10={result['10']:.4f} "
-          f"fused={result['fused']:.4f} set_erased_ms={result['set_erased_ms']:.3f}")
+    first = (f"overhead_1={result['1']:.4f} overhead_3={result['3']:.4f} overhead_10={result['10']:.4f} "
+             f"fused={result['fused']:.4f} set_erased_ms={result['set_erased_ms']:.3f} " if "1" in result else "")
+    print(f"RESULT {first}first_3={result['first_3']:.4f} later_3={result['later_3']:.4f} "
+          f"steady_3={result['steady_3']:.4f} threads={args.threads}")
 
 
 if __name__ == "__main__":

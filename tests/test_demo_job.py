@@ -5,10 +5,28 @@ import json
 import pytest
 
 from sepme_adapter.cli import main
-from sepme_adapter.demo.job import ERASED, KEPT
+from sepme_adapter.demo import CONCEPTS
+from sepme_adapter.demo.job import ERASED, KEPT, TRAIN_TEMPLATES, compositions, demo_concepts, phrasings
 
 
-@pytest.mark.slow  # about two minutes on 2 CPU cores
+def test_the_demo_measures_training_held_out_and_composition_prompts_apart():
+    concepts = {c.name: c for c in demo_concepts(ERASED, KEPT, seeds=3)}
+    for name in ERASED:
+        c = concepts[name]
+        assert c.prompts == phrasings(name, TRAIN_TEMPLATES) and CONCEPTS[name].prompt in c.prompts
+        assert c.paraphrases and not set(c.paraphrases) & set(c.prompts)  # held out: never trained on
+        for prompt, partner in c.compositions:  # "a circle by orvan": the style and an object of the other family
+            assert name in prompt.split() and partner in prompt.split()
+            assert CONCEPTS[partner].family != CONCEPTS[name].family
+    # an erased concept's composition is also measured for its kept partner (same prompt, no extra images)
+    prompt, partner = compositions("pimsa", [0])[0]
+    assert prompt == "a square by pimsa" and (prompt, "pimsa") in concepts[partner].compositions
+    assert concepts["selune"].paraphrases and not concepts["circle"].paraphrases  # shares the styles' phrasings
+    with pytest.raises(ValueError, match="both trained on and held out"):
+        demo_concepts(ERASED, KEPT, 3, train=(0, 1), held_out=(1,))
+
+
+@pytest.mark.slow  # about three minutes on 2 busy CPU cores
 def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
     assert main(["demo", "--quick", "--quiet", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -16,13 +34,18 @@ def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
     assert set(results["original"]["accuracy"]) == set(results["concepts"])
     assert len(results["subsets"]) == 7  # every non-empty subset of the three erasers
     everything = next(s for s in results["subsets"] if len(s["erased"]) == 3)
-    for name in ERASED:  # erased concepts are no longer recognised
-        assert everything["accuracy"][name] <= 0.25 < 0.5 <= results["original"]["accuracy"][name]
+    for measure in ("accuracy", "paraphrase_accuracy", "composition_accuracy", "composition_partner_accuracy"):
+        assert set(ERASED) <= set(everything[measure])
+    # erased concepts are recognised less (how much is the training's business; the issue-12 targets are
+    # checked on the full demo)
+    assert everything["summary"]["erased_exact"] <= 0.5
     for subset in results["subsets"]:
         for name in ERASED:
-            if name not in subset["erased"]:  # restored: its exact prompt renders as in the original
+            if name not in subset["erased"]:  # restored: its exact prompts render as in the original
                 assert subset["max_pixel_change"][name] <= 1 / 255 + 1e-6
                 assert subset["lpips"][name] < 1e-3
+    assert results["generation"]["images"] > 0 and results["settings"]["batch_size"] > 1
     for name in ("grid.png", "results.md", "erasers/orvan.safetensors", "erasers/loss_curves.png"):
         assert (tmp_path / name).is_file(), name
-    assert "| orvan, pimsa, kadrel |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| orvan, pimsa, kadrel |" in out and "Held-out paraphrases" in out and "Compositions" in out

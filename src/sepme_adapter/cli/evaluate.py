@@ -24,7 +24,7 @@ from ..evaluation import (
     write_results,
 )
 from ..pipelines import load_pipeline
-from .options import add_model_options, new_command
+from .options import add_generation_options, add_model_options, apply_threads, new_command
 
 # Named classifiers and default prompts of the demo world; evaluation itself does not know the demo.
 NAMED_CLASSIFIERS = {"demo": lambda device: demo.demo_classifier()}
@@ -47,11 +47,16 @@ def register(subparsers: Any) -> None:
                              "subsets (Tables 3-5, default) or iterative (SepME2 prefixes)")
     parser.add_argument("--prompts", help="CSV with prompt, evaluation_seed, case_number (and concept)")
     parser.add_argument("--concepts", help="comma-separated concept names (default: the erasers' concepts)")
-    parser.add_argument("--paraphrases", action="store_true", help="also measure template paraphrases")
+    parser.add_argument("--paraphrases", action="store_true",
+                        help="also measure held-out phrasings: the standard templates an eraser was not trained on")
+    parser.add_argument("--composition", action="append", metavar="NAME+PARTNER=PROMPT",
+                        help="a prompt combining two concepts (repeat), judged for both halves, e.g. "
+                             "'pimsa+square=a square by pimsa': pimsa erased must go, the square must stay")
     parser.add_argument("--seeds", type=int, default=10, help="seeds per prompt (paper: 50 x 5 images)")
     parser.add_argument("--images-per-prompt", type=int, default=1, help="CSV prompts: seeds per row")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    add_generation_options(parser)
     parser.add_argument("--out", "-o", default="sepme-eval", help="output folder (default: ./sepme-eval)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         help="load erasers trained on another base model (with a warning)")
@@ -62,15 +67,26 @@ def _classifier(args: argparse.Namespace, pipe: Any) -> Classify:
 
 
 def _concepts(args: argparse.Namespace, pipe: Any, names: list[str]) -> list[EvalConcept]:
-    """From the CSV, or per concept name: the eraser's prompt (else a default), and paraphrases if asked."""
+    """From the CSV, or per concept name: the eraser's prompts (exact: what it was trained on; else a default),
+    held-out template phrasings it was not trained on (`--paraphrases`), and `--composition` prompts."""
     if args.prompts:
-        return concepts_from_csv(args.prompts, images_per_prompt=args.images_per_prompt)
-    erasers = pipe.list_sepme()
-    concepts = []
-    for name in args.concepts.split(",") if args.concepts else names:
-        exact = [erasers[name]["prompt"]] if name in erasers else [default_prompt(name, DEMO_PROMPTS)]
-        paraphrases = [t.format(name) for t in TEMPLATES[1:]] if args.paraphrases else []
-        concepts.append(EvalConcept(name, exact, paraphrases, list(range(args.seeds))))
+        concepts = concepts_from_csv(args.prompts, images_per_prompt=args.images_per_prompt)
+    else:
+        erasers = pipe.list_sepme()
+        concepts = []
+        for name in args.concepts.split(",") if args.concepts else names:
+            exact = list(erasers[name]["prompts"]) if name in erasers else [default_prompt(name, DEMO_PROMPTS)]
+            held_out = [t.format(name) for t in TEMPLATES if t.format(name) not in exact] if args.paraphrases else []
+            concepts.append(EvalConcept(name, exact, held_out, list(range(args.seeds))))
+    by_name = {c.name: c for c in concepts}
+    for value in args.composition or []:
+        pair, _, prompt = value.partition("=")
+        first, _, second = pair.partition("+")
+        if not prompt.strip() or not second.strip():
+            raise ValueError(f"--composition {value!r}: write NAME+PARTNER=PROMPT, e.g. 'pimsa+square=a square by pimsa'")
+        for name, partner in ((first.strip(), second.strip()), (second.strip(), first.strip())):
+            if name in by_name:
+                by_name[name].compositions.append((prompt.strip(), partner))
     return concepts
 
 
@@ -81,7 +97,8 @@ def _evaluate_erasers(pipe: Any, args: argparse.Namespace) -> int:
         names.extend([loaded] if isinstance(loaded, str) else loaded)
     results = evaluate(pipe, _concepts(args, pipe, names), _classifier(args, pipe),
                        scenario_subsets(names, args.scenario), steps=args.steps,
-                       guidance_scale=args.guidance_scale, lpips=LPIPSMetric(pipe.device), progress=not args.quiet)
+                       guidance_scale=args.guidance_scale, lpips=LPIPSMetric(pipe.device), progress=not args.quiet,
+                       batch_size=args.batch_size)
     json_path, md_path = write_results(results, args.out)
     print(markdown_table(results))
     print(f"\nwritten: {json_path}, {md_path}")
@@ -100,7 +117,7 @@ def _compare(pipe: Any, args: argparse.Namespace) -> int:
                                seeds=list(range(args.seeds)), paraphrases=args.paraphrases,
                                allow_base_mismatch=args.allow_base_mismatch, keep_images=True,
                                default_prompts=DEMO_PROMPTS, steps=args.steps, guidance_scale=args.guidance_scale,
-                               lpips=LPIPSMetric(pipe.device), progress=not args.quiet)
+                               lpips=LPIPSMetric(pipe.device), progress=not args.quiet, batch_size=args.batch_size)
     table = comparison_table(results)
     json_path, md_path = write_results(results, args.out, markdown=table)  # the per-method table
     grid = comparison_grid(results, Path(args.out) / "comparison.png")
@@ -112,5 +129,6 @@ def _compare(pipe: Any, args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     if bool(args.erasers) == bool(args.compare):
         raise ValueError("give either --erasers FILE... or --compare LABEL=DIR ... (one set of erasers per method)")
+    apply_threads(args)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     return _compare(pipe, args) if args.compare else _evaluate_erasers(pipe, args)

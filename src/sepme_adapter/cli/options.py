@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
 from ..pipelines import DTYPES
 
 
@@ -23,6 +25,21 @@ def add_eraser_files(parser: argparse.ArgumentParser) -> None:
 
 def add_quiet_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_generation_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
+    """`--batch-size` (images per pipeline call) and `--threads` (torch CPU threads), for commands that generate."""
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help=f"images per pipeline call; prompts, seeds and erased subsets share calls (default "
+                             f"{batch_size}; the UNet sees twice as many rows with guidance)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: torch's, one per core)")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set torch's CPU threads when `--threads` was given."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
 
 
 def add_model_options(parser: argparse.ArgumentParser, dtype: bool = True, quiet: bool = True) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from ..evaluation import train_style_classifier
 from ..pipelines import load_pipeline
 from ..training import Concept
-from .options import add_model_options, new_command
+from .options import add_generation_options, add_model_options, apply_threads, new_command
 
 
 def register(subparsers: Any) -> None:
@@ -25,15 +25,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--peak-lr", type=float, default=0.01, help="peak of the one-cycle learning rate (default 0.01)")
     parser.add_argument("--steps", type=int, default=25, help="sampler steps per image (default 25)")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    add_generation_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    apply_threads(args)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     concepts = [Concept.parse(c) for c in args.concept]
     config = train_style_classifier(pipe, {c.name: c.prompt for c in concepts}, args.out, args.images,
                                     args.epochs, args.peak_lr, args.steps, args.guidance_scale,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, batch_size=args.batch_size)
     backbone = "ImageNet" if config["imagenet_backbone"] else "random"
     print(f"held-out accuracy {config['held_out_accuracy']:.3f} ({backbone} ResNet18 backbone); use it with: "
           f"sepme eval --classifier resnet18:{args.out}")

@@ -18,8 +18,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..generation import Job, generate_batched
 from .metrics import to_tensor
-from .protocol import Classify, generate
+from .protocol import Classify
 
 BLANK_LABEL = "blank"
 
@@ -50,16 +51,17 @@ def _batch(images: Sequence[Image.Image]) -> torch.Tensor:
 def train_style_classifier(
     pipe: Any, prompts: dict[str, str], out: str | Path, images_per_label: int = 50, epochs: int = 20,
     peak_lr: float = 0.01, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0, progress: bool = True,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Generate images per label (`prompts`: label -> prompt, plus the blank prompt) and fit the head."""
+    """Generate images per label (`prompts`: label -> prompt, plus the blank prompt; by the original model, all
+    labels' seeds batched together, `batch_size` per pipeline call) and fit the head."""
     labels = [*prompts, BLANK_LABEL]
     texts = [*prompts.values(), ""]
-    images, targets = [], []
-    for index, text in enumerate(tqdm(texts, desc="classifier images", disable=not progress)):
-        seeds = [seed * 100_000 + index * 1000 + k for k in range(images_per_label)]
-        made = generate(pipe, text, seeds, steps, guidance_scale)
-        images.extend(made)
-        targets.extend([index] * len(made))
+    jobs = [Job(text, seed * 100_000 + index * 1000 + k) for index, text in enumerate(texts)
+            for k in range(images_per_label)]
+    with tqdm(total=len(jobs), desc="classifier images", unit="img", disable=not progress) as bar:
+        images = generate_batched(pipe, jobs, steps, guidance_scale, batch_size, on_batch=bar.update)
+    targets = [index for index in range(len(texts)) for _ in range(images_per_label)]
     pretrained = _imagenet_weights_cached()
     model = _resnet18(len(labels), pretrained)
     for name, parameter in model.named_parameters():
