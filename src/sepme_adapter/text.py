@@ -82,6 +82,15 @@ def added_cond_kwargs(pipe: Any, pooled: torch.Tensor | None, like: torch.Tensor
     `like`: a tensor whose device and dtype they take (default: the UNet's)."""
     if pooled is None or not uses_added_conditions(pipe.unet):
         return {}
-    device, dtype = (like.device, like.dtype) if like is not None else (pipe.unet.device, pipe.unet.dtype)
-    time_ids = default_time_ids(pipe).to(device=device, dtype=dtype).expand(len(pooled), -1)
+    return added_conditions(pooled, default_time_ids(pipe), pipe.unet.dtype if like is None else like.dtype,
+                            pipe.unet.device if like is None else like.device)
+
+
+def added_conditions(pooled: torch.Tensor | None, time_ids: torch.Tensor | None, dtype: torch.dtype,
+                     device: torch.device | str) -> dict[str, Any]:
+    """`{"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids on every row}}`, or `{}` when either is
+    None (a UNet without added conditions: the call stays exactly as before)."""
+    if pooled is None or time_ids is None:
+        return {}
+    time_ids = time_ids.to(device=device, dtype=dtype).expand(len(pooled), -1)
     return {"added_cond_kwargs": {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}}

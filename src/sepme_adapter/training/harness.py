@@ -47,7 +47,8 @@ def base_model_metadata(pipe: Any, runtime: ErasureRuntime) -> dict[str, Any]:
 @contextmanager
 def frozen_model(pipe: Any) -> Iterator[None]:
     """Freeze every model weight (only the increments learn); restore the flags afterwards."""
-    modules = [m for m in (pipe.unet, pipe.text_encoder, pipe.vae) if m is not None]
+    modules = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
+               if m is not None]
     flags = [[p.requires_grad for p in m.parameters()] for m in modules]
     for module in modules:
         module.requires_grad_(False)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..loader import erasure_runtime
+from ..text import default_time_ids, uses_added_conditions
 from .checkpoints import save_checkpoint
 from .config import TrainConfig
 from .harness import gradients_finite, noise_schedule
@@ -80,9 +81,14 @@ def record(result: StepResult, seconds: float, stop_on: str) -> None:
 
 
 def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainConfig, blank: torch.Tensor,
-             checkpoint_dir: Path | None, progress: bool, description: str) -> None:
-    """Run Alg. 1 (`dense=True`) or Alg. 2 (weight-decoupled) on the given concepts together until each stops."""
+             checkpoint_dir: Path | None, progress: bool, description: str,
+             blank_pooled: torch.Tensor | None = None) -> None:
+    """Run Alg. 1 (`dense=True`) or Alg. 2 (weight-decoupled) on the given concepts together until each stops.
+
+    `blank_pooled`: the pooled embedding of `blank` for an SDXL UNet (every call gets the pipeline's default
+    time ids too); None for SD v1 / v2."""
     unet, runtime = pipe.unet, erasure_runtime(pipe, create=True)
+    time_ids = default_time_ids(pipe) if blank_pooled is not None and uses_added_conditions(unet) else None
     alphas_cumprod = noise_schedule(pipe)
     blank = blank.to(device=unet.device, dtype=unet.dtype)
     checkpoints = Checkpoints(checkpoint_dir, tracks, "dense" if dense else "wd", config)
@@ -91,7 +97,7 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
     try:
         while live := live_tracks(tracks, dense, config):
             started = time.monotonic()
-            batch = sample_batch(unet, runtime, live, blank, alphas_cumprod, config)
+            batch = sample_batch(unet, runtime, live, blank, alphas_cumprod, config, blank_pooled, time_ids)
             if dense:
                 result = dense_step(unet, runtime, tracks[0], batch, config)
             else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..processor import ErasureRuntime
+from ..text import added_conditions
 from .config import TrainConfig
 from .harness import compute_dtype, noisy_latents
 from .objective import balance_weights, correlation_loss, l1_norm_per_layer, relative_correlation
@@ -30,6 +31,20 @@ class Batch:
     blank_text: torch.Tensor
     eps_blank: torch.Tensor  # eps(theta, x_t, c_0)
     original: torch.Tensor  # D(c_i, theta) = eps(theta, x_t, c_i) - eps(theta, x_t, c_0)
+    # SDXL's added conditions (None for SD v1 / v2): pooled text of the concept and blank rows, the time ids
+    concept_pooled: torch.Tensor | None = None
+    blank_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def added(self, rows: slice | None = None, blank: bool = True) -> dict:
+        """The UNet's `added_cond_kwargs` for the concept rows (`rows`), followed by the blank rows if `blank`;
+        `{}` without added conditions."""
+        if self.concept_pooled is None or self.time_ids is None:
+            return {}
+        pooled = self.concept_pooled if rows is None else self.concept_pooled[rows]
+        if blank:
+            pooled = torch.cat([pooled, self.blank_pooled])
+        return added_conditions(pooled, self.time_ids, self.x_t.dtype, self.x_t.device)
 
 
 @dataclass
@@ -45,15 +60,21 @@ class StepResult:
 
 
 def _concept_and_blank(unet, x_t: torch.Tensor, timesteps: torch.Tensor, concept_text: torch.Tensor,
-                       blank_text: torch.Tensor) -> torch.Tensor:
-    """`eps(., x_t, c_i)` and `eps(., x_t, c_0)` in one UNet call (concept rows first)."""
-    sample = unet(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([concept_text, blank_text]))
+                       blank_text: torch.Tensor, **added: dict) -> torch.Tensor:
+    """`eps(., x_t, c_i)` and `eps(., x_t, c_0)` in one UNet call (concept rows first; `added`: SDXL's
+    `added_cond_kwargs` for those rows)."""
+    sample = unet(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([concept_text, blank_text]),
+                  **added)
     return sample.sample.to(compute_dtype(unet.dtype))
 
 
 def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], blank: torch.Tensor,
-                 alphas_cumprod: torch.Tensor, config: TrainConfig) -> Batch:
-    """Draw `x_t` for each live concept and run the frozen model (same UNet, no eraser active, no graph)."""
+                 alphas_cumprod: torch.Tensor, config: TrainConfig, blank_pooled: torch.Tensor | None = None,
+                 time_ids: torch.Tensor | None = None) -> Batch:
+    """Draw `x_t` for each live concept and run the frozen model (same UNet, no eraser active, no graph).
+
+    `blank_pooled` (`1 x d_pool`) and `time_ids` (`1 x k`): SDXL's added conditions (each track's `pooled`
+    gives its rows'); None for SD v1 / v2."""
     device, dtype = unet.device, unet.dtype
     samples = [noisy_latents(t.latents, t.generator, alphas_cumprod, config.ddim_steps, device) for t in live]
     x_t = torch.cat([s[0] for s in samples])
@@ -61,16 +82,24 @@ def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], bl
     # each reference image pairs with the embedding of the prompt it was made from
     concept_text = torch.stack([t.embedding[s[2]] for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
     blank_text = blank.expand(len(live), -1, -1)
+    pooled = None
+    if blank_pooled is not None and time_ids is not None:
+        pooled = torch.stack([t.pooled[s[2]] for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
+        blank_pooled = blank_pooled.to(device=device, dtype=dtype).expand(len(live), -1)
+    batch = Batch(x_t, timesteps, concept_text, blank_text, x_t, x_t, pooled, blank_pooled, time_ids)
     with torch.no_grad(), runtime.per_row([None] * (2 * len(live))):
-        eps_concept, eps_blank = _concept_and_blank(unet, x_t, timesteps, concept_text, blank_text).chunk(2)
-    return Batch(x_t, timesteps, concept_text, blank_text, eps_blank, eps_concept - eps_blank)
+        eps_concept, eps_blank = _concept_and_blank(unet, x_t, timesteps, concept_text, blank_text,
+                                                    **batch.added()).chunk(2)
+    batch.eps_blank, batch.original = eps_blank, eps_concept - eps_blank
+    return batch
 
 
 def dense_step(unet, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch, config: TrainConfig) -> StepResult:
     """Alg. 1 (G-CiRs): one dense increment for every live concept, `sum_i eta_i L_cor_i + lambda ||dW||_1 / M`
     (Eq. 2-3). A dense increment changes the blank prompt's prediction too, so both edited passes learn."""
     with runtime.per_row([shared.concept.name] * (2 * len(batch.x_t))):
-        edited = _concept_and_blank(unet, batch.x_t, batch.timesteps, batch.concept_text, batch.blank_text)
+        edited = _concept_and_blank(unet, batch.x_t, batch.timesteps, batch.concept_text, batch.blank_text,
+                                    **batch.added())
     edited_concept, edited_blank = edited.chunk(2)
     losses = correlation_loss(batch.original, edited_concept - edited_blank)
     rho = float(relative_correlation(batch.original, edited_concept - edited_blank).mean())
@@ -88,7 +117,8 @@ def _decoupled_pass(unet, runtime: ErasureRuntime, part: Sequence[ConceptTrack],
                     config: TrainConfig) -> tuple[list[float], list[float], float, list[float]]:
     """One graph pass for some concepts: backpropagate `L_cor_i + lambda ||w_i||_1 / M` of each (Eq. 2, 11)."""
     with runtime.per_row([t.concept.name for t in part]):
-        edited = unet(batch.x_t[rows], batch.timesteps[rows], batch.concept_text[rows]).sample
+        edited = unet(batch.x_t[rows], batch.timesteps[rows], batch.concept_text[rows],
+                      **batch.added(rows, blank=False)).sample
     direction = edited.to(compute_dtype(unet.dtype)) - batch.eps_blank[rows]  # D(c_i, theta + dW_i)
     losses = correlation_loss(batch.original[rows], direction)
     relatives = [float(r) for r in relative_correlation(batch.original[rows], direction)]

@@ -29,6 +29,7 @@ class ConceptTrack:
     done: bool = False
     stopped_early: bool = False
     seconds: float = 0.0
+    pooled: torch.Tensor | None = None  # SDXL: the pooled embedding paired with each reference latent
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -37,7 +38,7 @@ class ConceptTrack:
 
     @classmethod
     def start(cls, concept: Concept, eraser: Eraser, groups: list[dict], index: int, config: TrainConfig,
-              latents: torch.Tensor, embedding: torch.Tensor) -> ConceptTrack:
+              latents: torch.Tensor, embedding: torch.Tensor, pooled: torch.Tensor | None = None) -> ConceptTrack:
         """A fresh track: Adam on the eraser's parameter groups (`calibration.parameter_groups`: one learning
         rate per layer), the concept's own seeded random stream, and its early stop."""
         stop = MomentumStop(config.alpha, config.tau, config.warmup, value=1.0 if config.stop_on == "rho" else 0.0,
@@ -45,9 +46,11 @@ class ConceptTrack:
         return cls(
             concept=concept, eraser=eraser, optimizer=torch.optim.Adam(groups),
             generator=torch.Generator().manual_seed(config.seed * 100_003 + index),
-            stop=stop, latents=latents, embedding=embedding,
+            stop=stop, latents=latents, embedding=embedding, pooled=pooled,
         )
 
-    def follower(self, concept: Concept, latents: torch.Tensor, embedding: torch.Tensor) -> ConceptTrack:
+    def follower(self, concept: Concept, latents: torch.Tensor, embedding: torch.Tensor,
+                 pooled: torch.Tensor | None = None) -> ConceptTrack:
         """A track of another concept that shares this one's increment, optimiser, stream and stop (G-CiRs)."""
-        return ConceptTrack(concept, self.eraser, self.optimizer, self.generator, self.stop, latents, embedding)
+        return ConceptTrack(concept, self.eraser, self.optimizer, self.generator, self.stop, latents, embedding,
+                            pooled=pooled)

@@ -22,7 +22,7 @@ from ..certificate import leakage_certificate
 from ..eraser import Eraser
 from ..errors import TrainingError
 from ..processor import ErasureRuntime
-from ..text import encode_prompts
+from ..text import encode_prompts_pooled, zeros_for_empty_prompt
 from ..unet import modified_layers
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
@@ -42,17 +42,32 @@ class PromptTexts:
     concepts: dict[str, torch.Tensor]  # name -> (prompts, L, d)
     known: list[torch.Tensor]  # one (L, d) per known prompt
     protected: list[torch.Tensor]
+    # SDXL: pooled embeddings of each concept's prompts (None for SD v1 / v2), and the unconditional branch's
+    # embeddings the training objective's c_0 uses: zeros under force_zeros_for_empty_prompt, else the blank's
+    pooled: dict[str, torch.Tensor] | None = None
+    unconditional: torch.Tensor | None = None
+    unconditional_pooled: torch.Tensor | None = None
 
     @classmethod
     def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
         known_prompts = [p for k in known for p in k.prompts]
-        texts = encode_prompts(pipe, ["", *(p for c in concepts for p in c.prompts), *known_prompts, *protected])
-        by_concept, start = {}, 1
+        texts, pooled = encode_prompts_pooled(
+            pipe, ["", *(p for c in concepts for p in c.prompts), *known_prompts, *protected])
+        by_concept, pooled_by_concept, start = {}, {}, 1
         for concept in concepts:
             by_concept[concept.name] = texts[start : start + len(concept.prompts)]
+            if pooled is not None:
+                pooled_by_concept[concept.name] = pooled[start : start + len(concept.prompts)]
             start += len(concept.prompts)
         end = start + len(known_prompts)
-        return cls(texts[:1], by_concept, list(texts[start:end]), list(texts[end:]))
+        blank, blank_pooled = texts[:1], None if pooled is None else pooled[:1]
+        if zeros_for_empty_prompt(pipe):  # SDXL's unconditional branch is zeros (the blank prompt stays excluded)
+            unconditional = torch.zeros_like(blank)
+            blank_pooled = None if blank_pooled is None else torch.zeros_like(blank_pooled)
+        else:
+            unconditional = blank
+        return cls(blank, by_concept, list(texts[start:end]), list(texts[end:]),
+                   None if pooled is None else pooled_by_concept, unconditional, blank_pooled)
 
 
 @dataclass(frozen=True)
@@ -141,10 +156,13 @@ class TrainingRun:
         groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config)
         return ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
 
-    def images(self, concept: Concept) -> tuple[torch.Tensor, torch.Tensor]:
-        """The concept's reference latents and, for each, the embedding of the prompt it pairs with."""
+    def images(self, concept: Concept) -> tuple[torch.Tensor, ...]:
+        """The concept's reference latents and, for each, the embedding of the prompt it pairs with (SDXL: and
+        its pooled embedding)."""
         latents, texts = self.latents[concept.name], self.texts.concepts[concept.name]
-        return latents, texts[self.pairing[concept.name]]
+        if self.texts.pooled is None:
+            return latents, texts[self.pairing[concept.name]]
+        return latents, texts[self.pairing[concept.name]], self.texts.pooled[concept.name][self.pairing[concept.name]]
 
     def tracks(self, group: list[Planned]) -> list[ConceptTrack]:
         tracks = [self.track(planned) for planned in group]
@@ -199,8 +217,9 @@ def run_groups(run: TrainingRun, groups: list[list[Planned]], checkpoint_root: P
                 dense = group[0].dense
                 tracks = run.tracks(group)
                 folder = checkpoint_folder(checkpoint_root, g, tracks, dense, run.config, resume)
-                optimise(run.pipe, tracks, dense, run.config, run.texts.blank, folder, progress,
-                         f"{'G-CiRs' if dense else 'SepME'} {'+'.join(t.concept.name for t in tracks)}")
+                optimise(run.pipe, tracks, dense, run.config, run.texts.unconditional, folder, progress,
+                         f"{'G-CiRs' if dense else 'SepME'} {'+'.join(t.concept.name for t in tracks)}",
+                         run.texts.unconditional_pooled)
                 for track in tracks[:1] if run.shared_dense else tracks:
                     trained[track.concept.name] = track
     finally:
