@@ -160,6 +160,17 @@ def _table(mapping: dict[str, Any], heading: str) -> list[str]:
     return [f"| {heading} | value |", "|---|---|", *rows, ""]
 
 
+def base_pipeline_class(erasers: Sequence[Eraser]) -> str:
+    """The diffusers pipeline class of the erasers' base model for the card's snippets: the one recorded at
+    training (`metadata["pipeline"]`) when it is an SDXL one, `StableDiffusionXLPipeline` for SDXL's 2048-wide
+    text, else `StableDiffusionPipeline`."""
+    for eraser in erasers:
+        recorded = str(eraser.metadata.get("pipeline") or "")
+        if recorded.startswith("StableDiffusionXL") or (eraser.separable and eraser.text_width == 2048):
+            return "StableDiffusionXLPipeline"
+    return "StableDiffusionPipeline"
+
+
 def model_card(
     entries: Sequence[tuple[str, Eraser]], repo_id: str, lora_files: Collection[str] | None = None
 ) -> ModelCard:
@@ -176,6 +187,7 @@ def model_card(
         library_name=LIBRARY_NAME, tags=list(TAGS), pipeline_tag="text-to-image",
     )
     base = bases[0] if len(bases) == 1 else "BASE_MODEL"
+    pipeline_class = base_pipeline_class([e for _, e in entries])
     recorded = sorted({str(e.metadata.get("base_model") or "unknown") for _, e in entries})
     base_note = [] if len(bases) == 1 else [f"# BASE_MODEL: the model the erasers were trained on ({', '.join(recorded)})"]
     names = [e.name for _, e in entries]
@@ -219,9 +231,9 @@ def model_card(
     lines += [
         "## Usage with sepme-adapter", "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class}",
         "import sepme_adapter", "", *base_note,
-        f"pipe = sepme_adapter.attach(StableDiffusionPipeline.from_pretrained({base!r}))",
+        f"pipe = sepme_adapter.attach({pipeline_class}.from_pretrained({base!r}))",
         f"pipe.load_sepme({repo_id!r})  # every eraser in this repo",
         f"# or one of them: pipe.load_sepme({repo_id!r}, weight_name={first_file!r})",
         f"pipe.set_erased({erase})  # exactly these erased, the rest restored",
@@ -241,8 +253,8 @@ def model_card(
             "`A S_p^T`), `lora_B = beta * w`, scale 1, so the LoRA adds exactly the SepME increment. For "
             "ComfyUI / Automatic1111, convert with `sepme export-lora --format kohya`.", "",
             "```python",
-            "from diffusers import StableDiffusionPipeline", "", *base_note,
-            f"pipe = StableDiffusionPipeline.from_pretrained({base!r})",
+            f"from diffusers import {pipeline_class}", "", *base_note,
+            f"pipe = {pipeline_class}.from_pretrained({base!r})",
             *adapter_lines,
             f"pipe.set_adapters({erase})  # weights 1.0: the increments add up, as with set_erased",
             "pipe.disable_lora()  # the original model",

@@ -41,7 +41,7 @@ def training_runtime(pipe: Any, names: Sequence[str] = ()) -> tuple[Any, Erasure
 def base_model_metadata(pipe: Any, runtime: ErasureRuntime) -> dict[str, Any]:
     """The base model's name and fingerprint, recorded in every trained eraser (checked when loading)."""
     name = str(getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path", "") or "")
-    return {"base_model": name, "fingerprint": fingerprint(pipe, runtime.fused_originals)}
+    return {"base_model": name, "pipeline": type(pipe).__name__, "fingerprint": fingerprint(pipe, runtime.fused_originals)}
 
 
 @contextmanager
