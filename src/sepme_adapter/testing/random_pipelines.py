@@ -31,9 +31,7 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def tiny_unet(text_width: int = 64, seed: int = 0, blocks: Sequence[int] = (16, 32)) -> UNet2DConditionModel:
-    """A two-level UNet with cross-attention in every block (4 `attn2` layers)."""
-    torch.manual_seed(seed)
+def _two_level_unet(text_width: int, blocks: Sequence[int], **extra: Any) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -45,7 +43,14 @@ def tiny_unet(text_width: int = 64, seed: int = 0, blocks: Sequence[int] = (16, 
         cross_attention_dim=text_width,
         attention_head_dim=4,
         norm_num_groups=8,
+        **extra,
     )
+
+
+def tiny_unet(text_width: int = 64, seed: int = 0, blocks: Sequence[int] = (16, 32)) -> UNet2DConditionModel:
+    """A two-level UNet with cross-attention in every block (4 `attn2` layers)."""
+    torch.manual_seed(seed)
+    return _two_level_unet(text_width, blocks)
 
 
 def _text_encoder(cls: type, tokenizer: Any, width: int, max_length: int, projection_dim: int | None = None) -> Any:
@@ -79,22 +84,10 @@ def tiny_sdxl_unet(text_width: int = 64, pooled_width: int = 32, seed: int = 0, 
     """An SDXL-architecture UNet: `addition_embed_type="text_time"` (pooled text + 6 time ids through
     `add_embedding`), linear projections, 2 transformer layers in the lower block (11 `attn2` layers)."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tuple(blocks),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        cross_attention_dim=text_width,
-        attention_head_dim=4,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
+    return _two_level_unet(
+        text_width, blocks, transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
         projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_width,
-        norm_num_groups=8,
     )
 
 
