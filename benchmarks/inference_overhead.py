@@ -49,8 +49,9 @@ class UNetOnly(sepme_adapter.SepMELoaderMixin):
         self.text_encoder = SimpleNamespace(device=torch.device("cpu"))
         self.blank = torch.zeros(1, tokens, unet.config.cross_attention_dim)
 
-    def encode_prompt(self, prompts, device, num_images_per_prompt, do_classifier_free_guidance):
-        return (self.blank.expand(len(prompts), -1, -1),)
+    def encode_prompt(self, prompt, device=None, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                      **kwargs):
+        return (self.blank.expand(len(prompt), -1, -1), None)
 
 
 def random_erasers(pipe, count: int, m: int, seed: int = 0) -> list[sepme_adapter.Eraser]:
@@ -218,8 +219,7 @@ def main() -> None:
         unet = UNet2DConditionModel(**sd15_unet_config()).eval()
         sd = UNetOnly(unet, 77)
         title = f"SD v1.5-size UNet (random weights), latents {args.latent} x {args.latent}"
-        if args.rounds:
-            result = run(title, sd, 77, args.latent, args.rounds, 1, clock)
+        result = run(title, sd, 77, args.latent, args.rounds, 1, clock) if args.rounds else {}
         result.update(steady(title, sd, 77, args.latent, args.steady_rounds, args.steady_steps, clock,
                              args.generation_steps))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
