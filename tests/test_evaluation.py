@@ -100,3 +100,28 @@ def test_held_out_and_compositions_are_measured_separately_with_both_halves(pipe
     assert results["subsets"][1]["summary"]["kept_half_ratio"] is None  # both halves erased: nothing kept
     table = markdown_table(results)
     assert "Compositions" in table and "vangogh: other half" in table and "Summary" in table
+
+
+def test_sepme_eval_reports_held_out_phrasings_and_compositions(model_folder, tmp_path):
+    from sepme_adapter import attach
+    from sepme_adapter.cli import main
+    from sepme_adapter.pipelines import load_pipeline
+
+    base = attach(load_pipeline(str(model_folder), "cpu"))
+    for i, name in enumerate(["vangogh", "picasso"]):
+        make_eraser(base, name, seed=i, scale=20000.0).save(tmp_path / "erasers" / f"{name}.safetensors")
+    out = tmp_path / "eval"
+    assert main(["eval", "--model", str(model_folder), "--erasers", str(tmp_path / "erasers"), "--classifier",
+                 "tests.helpers:brightness", "--scenario", "single", "--paraphrases", "--composition",
+                 "vangogh+picasso=a painting by van gogh and picasso", "--seeds", "2", "--steps", "2",
+                 "--batch-size", "5", "--threads", "1", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    prompts = results["prompts"]["vangogh"]
+    assert prompts["exact"] == [CONCEPTS["vangogh"]]  # what the eraser was trained on
+    # the templates, phrased with the concept's name, that it was not trained on
+    assert prompts["held_out"] == ["a painting by vangogh", "vangogh style", "in the style of vangogh"]
+    assert prompts["compositions"] == [["a painting by van gogh and picasso", "picasso"]]
+    assert results["prompts"]["picasso"]["compositions"] == [["a painting by van gogh and picasso", "vangogh"]]
+    assert results["generation"]["batch_size"] == 5 and results["generation"]["threads"] == 1
+    assert "summary" in results["subsets"][0]
+    assert "Compositions" in (out / "results.md").read_text()
