@@ -95,3 +95,18 @@ def test_per_row_takes_subsets_in_load_order(pipe):
     assert runtime.plan == ()
     with pytest.raises(KeyError, match="monet"), runtime.per_row([("monet",)]):
         pass
+
+
+def test_sdxl_batches_equal_images_made_alone_in_float64():
+    """The same guarantee on an SDXL pipeline (pooled embeddings and time ids per row; zero unconditional branch)."""
+    import sepme_adapter
+    from sepme_adapter.testing import tiny_sdxl_pipeline
+
+    xl = sepme_adapter.attach(tiny_sdxl_pipeline())
+    xl.to(dtype=torch.float64)
+    for i, name in enumerate(NAMES):
+        xl.load_sepme(make_eraser(xl, name, seed=i, scale=20000.0), erase=False)
+    jobs = [Job(p, seed, subset) for p in list(CONCEPTS.values())[:2] for seed in (0, 1) for subset in SUBSETS]
+    images = generate_batched(xl, jobs, steps=2, guidance_scale=5.0, batch_size=6, output_type="np")
+    worst = max(float(np.abs(image - standalone(xl, job, 2, 5.0)).max()) for job, image in zip(jobs, images))
+    assert worst <= 1e-10, worst
