@@ -271,12 +271,16 @@ def reference_pairs(pipe: Any, concepts: list[Concept], config: TrainConfig, use
         latents = reference_latents(pipe, concepts, config, user_folder, progress=progress)
         return latents, {c.name: torch.arange(len(latents[c.name])) % len(c.prompts) for c in concepts}
     latents, pairing = {}, {}
+    shares: dict[int, list[Concept]] = {}  # concepts with the same images per prompt generate in one batch
     for concept in concepts:
-        share = replace(config, images_per_concept=math.ceil(config.images_per_concept / len(concept.prompts)))
-        parts = reference_latents(pipe, [Concept(f"{concept.name}#{i}", p) for i, p in enumerate(concept.prompts)],
-                                  share, None, cache_dir, progress=progress)
-        latents[concept.name] = torch.cat(list(parts.values()))
-        pairing[concept.name] = torch.cat([torch.full((len(v),), i) for i, v in enumerate(parts.values())])
+        shares.setdefault(math.ceil(config.images_per_concept / len(concept.prompts)), []).append(concept)
+    for share, group in shares.items():
+        parts = reference_latents(pipe, [Concept(f"{c.name}#{i}", p) for c in group for i, p in enumerate(c.prompts)],
+                                  replace(config, images_per_concept=share), None, cache_dir, progress=progress)
+        for concept in group:
+            mine = [parts[f"{concept.name}#{i}"] for i in range(len(concept.prompts))]
+            latents[concept.name] = torch.cat(mine)
+            pairing[concept.name] = torch.cat([torch.full((len(v),), i) for i, v in enumerate(mine)])
     return latents, pairing
 
 
