@@ -229,3 +229,15 @@ def test_one_concept_per_graph_pass_trains_the_same_erasers(pipe64, references):
     batched = train(pipe64, references, PAIRS)
     chunked = train(pipe64, references, PAIRS, config={"concepts_per_pass": 1})
     assert_same_erasers(batched, chunked)
+
+
+def test_protect_templates_adds_the_phrasings_around_the_names_to_every_basis(pipe, tmp_path):
+    from sepme_adapter.training.concepts import template_stems
+
+    concepts = [Concept("van gogh", prompts=("a painting by van gogh", "van gogh style"))]
+    stems = template_stems(concepts)
+    assert stems[:2] == ["a painting by", "style"] and "in the style of" in stems
+    erasers = train_erasers(pipe, [*concepts, Concept("picasso", "a painting by picasso")],
+                            config=TrainConfig(**QUICK, protect_templates=True), cache_dir=tmp_path, progress=False)
+    assert all(set(stems) <= set(e.protected) for e in erasers)
+    assert all(e.certificate is not None for e in erasers)  # the stems are covered by the certificate

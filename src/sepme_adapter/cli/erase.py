@@ -61,8 +61,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     defaults, paper = TrainConfig(), TrainConfig.paper()
     for item in fields(TrainConfig):
         default = getattr(defaults, item.name)
-        if isinstance(default, str):
-            kind: dict[str, Any] = {"choices": STOP_STATISTICS}
+        if isinstance(default, bool):
+            kind: dict[str, Any] = {"action": "store_const", "const": True}
+        elif isinstance(default, str):
+            kind = {"choices": STOP_STATISTICS}
         else:
             kind = {"type": float if isinstance(default, float) or default is None else int}
         parser.add_argument(f"--{item.name.replace('_', '-')}", dest=item.name, default=None,

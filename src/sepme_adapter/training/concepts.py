@@ -56,6 +56,21 @@ class Concept:
         return cls(name, prompts=tuple(t.format(word or name) for t in TEMPLATES[kind]))
 
 
+def template_stems(concepts: Sequence[Concept]) -> list[str]:
+    """The phrasings around the names: each concept's prompts with its name removed (where the prompt spells the
+    name), then the stems of the standard style templates ("a painting by", "in the style of", "style", ...),
+    without duplicates, blanks or prompts of the concepts themselves."""
+    stems = []
+    for concept in concepts:
+        for prompt in concept.prompts:
+            if concept.name.lower() in prompt.lower():
+                index = prompt.lower().index(concept.name.lower())
+                stems.append(" ".join((prompt[:index] + prompt[index + len(concept.name):]).split()))
+    stems += [" ".join(t.replace("{}", "").split()) for t in TEMPLATES["style"]]
+    own = {p for c in concepts for p in c.prompts}
+    return [s for s in dict.fromkeys(stems) if s and s not in own]
+
+
 def read_concepts_csv(path: str | Path) -> list[Concept]:
     """Concepts from a CSV file with columns `name,prompt` (a header row; repeated names add prompts)."""
     path = Path(path)

@@ -26,7 +26,7 @@ from ..text import encode_prompts_pooled, zeros_for_empty_prompt
 from ..unet import modified_layers
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
-from .concepts import Concept, prepare_concepts
+from .concepts import Concept, prepare_concepts, template_stems
 from .config import MODES, TrainConfig
 from .harness import base_model_metadata, frozen_model, training_runtime, zero_weights
 from .loop import optimise
@@ -335,6 +335,8 @@ def train_erasers(
     config = config or TrainConfig()
     config.validate()
     concepts, known, protected = prepare_concepts(concepts, known, protected)
+    if config.protect_templates:
+        protected = protected + [s for s in template_stems([*concepts, *known]) if s not in protected]
     _check_run(mode, shard, resume, checkpoint_dir)
     selected = [i for i in range(len(concepts)) if shard is None or i % shard[1] == shard[0]]
     pipe, runtime = training_runtime(pipe, [c.name for c in concepts])
