@@ -9,9 +9,9 @@ from pathlib import Path
 from ..eraser import Eraser
 
 
-def momentum_curve(losses: Sequence[float], alpha: float) -> list[float]:
-    """`L_mom` of Eq. 4 after each iteration."""
-    momentum, smoothed = 0.0, []
+def momentum_curve(losses: Sequence[float], alpha: float, start: float = 0.0) -> list[float]:
+    """`L_mom` of Eq. 4 after each iteration (`start`: its value before the first; rho starts at 1)."""
+    momentum, smoothed = start, []
     for value in losses:
         momentum = alpha * momentum + (1 - alpha) * value
         smoothed.append(momentum)
@@ -35,16 +35,23 @@ def _plot_curves(erasers: Sequence[Eraser], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    taus = set()
     for index, eraser in enumerate(erasers):
         color = f"C{index}"
         history = eraser.metadata.get("history", {})
-        l_cor = history.get("l_cor") or history.get("loss", [])  # baselines record their own loss
-        alpha = eraser.metadata.get("training", {}).get("config", {}).get("alpha", 0.9)
-        axes[0].plot(l_cor, alpha=0.3, color=color)
-        axes[0].plot(momentum_curve(l_cor, alpha), label=f"{eraser.name} (L_mom)", color=color)
+        config = eraser.metadata.get("training", {}).get("config", {})
+        on_rho = config.get("stop_on") == "rho" and history.get("rho")
+        values = history["rho"] if on_rho else history.get("l_cor") or history.get("loss", [])  # baselines: own loss
+        certificate = "" if eraser.certificate is None else f", certificate {eraser.certificate:.1e}"
+        axes[0].plot(values, alpha=0.3, color=color)
+        axes[0].plot(momentum_curve(values, config.get("alpha", 0.9), 1.0 if on_rho else 0.0), color=color,
+                     label=f"{eraser.name} ({'rho' if on_rho else 'L_cor'} momentum{certificate})")
         axes[1].plot(history.get("regulariser", []), label=eraser.name, color=color)
-    axes[0].axhline(0.0, color="black", linewidth=0.8)
-    axes[0].set(title="L_cor per iteration and its momentum (Eq. 2, 4)", xlabel="iteration")
+        if "tau" in config:
+            taus.add(config["tau"])
+    for tau in taus:
+        axes[0].axhline(tau, color="black", linewidth=0.8, linestyle="--")
+    axes[0].set(title="stop statistic and its momentum (Eq. 2, 4; dashed: tau)", xlabel="iteration")
     axes[1].set(title="||w||_1 / M (Eq. 11)", xlabel="iteration")
     for axis in axes:
         axis.legend(fontsize=8)
