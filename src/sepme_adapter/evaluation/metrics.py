@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ class LPIPSMetric:
         self.pretrained_backbone = weights.is_file()
         self.backbone = ("AlexNet (ImageNet)" if self.pretrained_backbone
                          else "AlexNet with random weights (ImageNet weights unavailable offline)")
-        self.model = lpips.LPIPS(net="alex", pnet_rand=not self.pretrained_backbone, verbose=False).to(device).eval()
+        with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            self.model = lpips.LPIPS(net="alex", pnet_rand=not self.pretrained_backbone, verbose=False)
+        self.model = self.model.to(device).eval()
         self.device = device
 
     @torch.no_grad()
