@@ -116,3 +116,24 @@ def unet_output(pipe, prompt="a painting by van gogh"):
 def brightness(name, images):
     """A stand-in classifier for `sepme eval --classifier tests.helpers:brightness`."""
     return [float(np.asarray(i).mean()) > 120.0 for i in images]
+
+
+def assert_erasing_keeps_the_excluded_prompts_exact(pipe, erasers, erased, concepts=CONCEPTS,
+                                                    protected=PROTECTED) -> dict:
+    """Load `erasers` (recording processors installed), erase `erased`: the blank prompt, the protected
+    prompts and every restored concept keep their keys and values (<= 1e-5 relative); the erased concepts'
+    change (> 1e-2). Returns the original keys and values."""
+    restored = [n for n in concepts if n not in erased]
+    kept = ["", *protected, *(concepts[n] for n in restored)]
+    changed = [concepts[n] for n in erased]
+    original = keys_and_values(pipe, kept + changed)
+    for eraser in erasers.values():
+        pipe.load_sepme(eraser, erase=False)
+    pipe.set_erased(erased)
+    edited = keys_and_values(pipe, kept + changed)
+    n = len(kept)
+    for key in original:
+        scale = original[key].abs().max()
+        assert (edited[key][:n] - original[key][:n]).abs().max() <= 1e-5 * scale, key
+        assert (edited[key][n:] - original[key][n:]).abs().max() > 1e-2 * scale, key  # the concepts did change
+    return original
