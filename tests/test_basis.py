@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sepme_adapter import EmptyNullSpaceError, null_space_basis
-from sepme_adapter.basis import DEFAULT_MAX_LEAKAGE, choose_basis, compact_basis
+from sepme_adapter.basis import DEFAULT_MAX_LEAKAGE, choose_basis, compact_basis, reach
 
 
 def test_basis_is_orthonormal_and_annihilates_every_stacked_prompt():
@@ -93,3 +93,14 @@ def test_choose_basis_uses_the_exact_space_while_it_has_room_then_the_compact_on
     assert choose_basis(many, max_leakage=1e-2).basis.shape[1] > choice.basis.shape[1]
     with pytest.raises(EmptyNullSpaceError):
         choose_basis(many, max_leakage=0)  # exact only
+
+
+def test_the_automatic_compact_basis_loosens_until_the_concept_keeps_its_reach():
+    known = anisotropic_prompts(10)  # no exact null space
+    concept = anisotropic_prompts(1, seed=9)[0]
+    tight = choose_basis(known)  # without a concept: the tightest level
+    assert tight.kind == "compact" and tight.bound <= 1e-3
+    chosen = choose_basis(known, concept=concept)
+    loosest = compact_basis(known, 1e-2)[0]
+    assert tight.bound <= chosen.bound <= 1e-2
+    assert reach(concept, chosen.basis) >= 0.5 * reach(concept, loosest) - 1e-12

@@ -73,7 +73,8 @@ def null_space_basis(
 
 
 MIN_EXACT_FRACTION = 1 / 8  # `choose_basis` keeps the exact null space while it has >= d_in / 8 dimensions
-DEFAULT_MAX_LEAKAGE = 1e-3  # the compact basis' bound on each known prompt's relative energy in S_p
+AUTO_LEVELS = (1e-3, 3e-3, 1e-2)  # compact bounds `choose_basis` tries, tightest first
+DEFAULT_MAX_LEAKAGE = AUTO_LEVELS[0]
 
 
 def per_prompt_rows(embeddings: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,13 +131,22 @@ class BasisChoice:
         return {"kind": self.kind, "dimensions": int(self.basis.shape[1]), "energy_bound": self.bound}
 
 
+def reach(concept: torch.Tensor | Sequence[torch.Tensor], basis: torch.Tensor) -> float:
+    """`||c S_p||_F / ||c||_F` over the concept's prompts: how much of them the increment can act on."""
+    rows = stack_embeddings(concept)
+    return float((rows @ basis.double()).norm() / rows.norm().clamp_min(1e-300))
+
+
 def choose_basis(embeddings: torch.Tensor | Sequence[torch.Tensor], max_leakage: float | None = None,
-                 rtol: float | None = None) -> BasisChoice:
+                 rtol: float | None = None, concept: torch.Tensor | Sequence[torch.Tensor] | None = None
+                 ) -> BasisChoice:
     """The exact null space (Eq. 8) while it has room, else the compact basis.
 
-    `max_leakage=None`: exact if it keeps at least `d_in * MIN_EXACT_FRACTION` dimensions, else compact at
-    `DEFAULT_MAX_LEAKAGE`. `max_leakage=0`: exact only (raises `EmptyNullSpaceError` when none is left).
-    `max_leakage > 0`: compact at that bound.
+    `max_leakage=None`: exact if it keeps at least `d_in * MIN_EXACT_FRACTION` dimensions, else the compact
+    basis at the tightest of `AUTO_LEVELS` that leaves the `concept`'s prompts at least half the reach they
+    have at the loosest level (so a crowded text space does not leave the eraser nothing to act on).
+    `max_leakage=0`: exact only (raises `EmptyNullSpaceError` when none is left). `max_leakage > 0`:
+    compact at that bound.
     """
     if max_leakage is None or max_leakage == 0:
         try:
@@ -148,6 +158,24 @@ def choose_basis(embeddings: torch.Tensor | Sequence[torch.Tensor], max_leakage:
         width = stack_embeddings(embeddings).shape[1]
         if max_leakage == 0 or (exact is not None and exact.shape[1] >= width * MIN_EXACT_FRACTION):
             return BasisChoice(exact, "exact", 0.0)
-        max_leakage = DEFAULT_MAX_LEAKAGE
+        return _automatic_compact(embeddings, concept)
     basis, bound = compact_basis(embeddings, max_leakage)
+    return BasisChoice(basis, "compact", bound)
+
+
+def _automatic_compact(embeddings: torch.Tensor | Sequence[torch.Tensor],
+                       concept: torch.Tensor | Sequence[torch.Tensor] | None) -> BasisChoice:
+    candidates = []
+    for level in AUTO_LEVELS if concept is not None else AUTO_LEVELS[:1]:
+        try:
+            candidates.append(compact_basis(embeddings, level))
+        except EmptyNullSpaceError:
+            continue
+    if not candidates:
+        raise EmptyNullSpaceError(f"no compact basis up to max_leakage={AUTO_LEVELS[-1]:g} exists for these "
+                                  f"prompts; pass a larger max_leakage or use fewer known / protected prompts")
+    if concept is not None:
+        enough = 0.5 * reach(concept, candidates[-1][0])
+        candidates = [c for c in candidates if reach(concept, c[0]) >= enough] or candidates[-1:]
+    basis, bound = candidates[0]
     return BasisChoice(basis, "compact", bound)

@@ -39,7 +39,8 @@ class TrainConfig:
         ddim_steps: timesteps are drawn as one of these DDIM steps, then a DDPM t inside it.
         rtol: rank tolerance of the null-space basis (None: float32 round-off).
         max_leakage: the basis (`basis.choose_basis`): None = the exact null space while it keeps >= 1/8 of
-            the text width, else the compact basis at 1e-3; 0 = exact only; > 0 = compact with this bound on
+            the text width, else the compact basis at the tightest of 1e-3 / 3e-3 / 1e-2 that leaves the
+            concept at least half its reach at 1e-2; 0 = exact only; > 0 = compact with this bound on
             each excluded prompt's share of energy in `S_p`. The measured leakage certificate is stored.
         checkpoint_every: iterations between resumable checkpoints (when a folder is given).
         concepts_per_pass: concepts per UNet pass with a graph (0: all at once, fastest; 1: lowest

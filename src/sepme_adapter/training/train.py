@@ -97,7 +97,8 @@ def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts
         others = concepts[:i] if mode == "iterative" else [c for c in concepts if c != concept]
         rows = [texts.blank, *(texts.concepts[c.name] for c in others), *texts.known, *texts.protected]
         excluded = {c.name: list(c.prompts) for c in others} | {k.name: list(k.prompts) for k in known}
-        choice = choose_basis(rows, max_leakage=config.max_leakage, rtol=config.rtol)
+        choice = choose_basis(rows, max_leakage=config.max_leakage, rtol=config.rtol,
+                              concept=texts.concepts[concept.name])
         plan.append(Planned(i, concept, False, excluded, choice))
     return plan
 
