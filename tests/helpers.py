@@ -8,9 +8,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import sepme_adapter
-from sepme_adapter.basis import null_space_basis
-from sepme_adapter.fingerprint import fingerprint
-from sepme_adapter.text import added_cond_kwargs, encode_prompts, encode_prompts_pooled
+from sepme_adapter.testing.conformance import random_eraser
+from sepme_adapter.text import added_cond_kwargs, encode_prompts_pooled
 from sepme_adapter.unet import cross_attention_modules
 
 CONCEPTS = {
@@ -31,22 +30,10 @@ def make_eraser(
     with_fingerprint: bool = True,
 ) -> sepme_adapter.Eraser:
     """A separable eraser with random `w` on the pipeline's real null space (as training would make)."""
-    known = {n: p for n, p in concepts.items() if n != name}
-    embeddings = encode_prompts(pipe, ["", *known.values(), *protected])
-    basis = null_space_basis(list(embeddings))
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for path, module in sorted(cross_attention_modules(pipe.unet).items()):
-        for proj in ("to_k", "to_v"):
-            d_out = getattr(module, proj).weight.shape[0]
-            weights[f"{path}.{proj}"] = torch.randn(d_out, basis.shape[1], generator=generator) * scale
-    metadata = {"base_model": "tiny-random"}
-    if with_fingerprint:
-        metadata["fingerprint"] = fingerprint(pipe)
-    return sepme_adapter.Eraser(
-        name=name, prompt=concepts[name], basis=basis, weights=weights, beta=1e-4,
-        known=known, protected=list(protected), metadata=metadata,
-    )
+    eraser = random_eraser(pipe, name, concepts, protected, seed, scale)
+    if not with_fingerprint:
+        del eraser.metadata["fingerprint"]
+    return eraser
 
 
 def make_rank_eraser(pipe, name: str, rank: int, seed: int = 0, stored: bool = False, **kwargs) -> sepme_adapter.Eraser:
