@@ -102,6 +102,15 @@ def sd15_unet_config() -> dict:
     )
 
 
+def word_tokenizer(words: Sequence[str], max_length: int, folder: str | Path | None = None) -> Any:
+    """The package's word tokenizer for `words`, written to `folder` (default: a temporary folder, removed
+    once the tokenizer is loaded: it keeps its vocabulary in memory)."""
+    if folder is not None:
+        return write_word_tokenizer(Path(folder), words, model_max_length=max_length)
+    with tempfile.TemporaryDirectory(prefix="sepme-tokenizer-") as temporary:
+        return write_word_tokenizer(Path(temporary), words, model_max_length=max_length)
+
+
 def tiny_pipeline(
     text_width: int = 64,
     max_length: int = 8,
@@ -113,8 +122,7 @@ def tiny_pipeline(
     """A random-weight `StableDiffusionPipeline` producing 16x16 images (latents 4x8x8).
 
     `prediction_type="v_prediction"` makes it an SD 2.x-style v-prediction model (the scheduler's setting)."""
-    folder = Path(folder or tempfile.mkdtemp(prefix="sepme-tokenizer-"))
-    tokenizer = write_word_tokenizer(folder, words, model_max_length=max_length)
+    tokenizer = word_tokenizer(words, max_length, folder)
     torch.manual_seed(seed)
     text_encoder = _text_encoder(CLIPTextModel, tokenizer, text_width, max_length)
     torch.manual_seed(seed + 1)
@@ -147,8 +155,7 @@ def tiny_sdxl_pipeline(
     penultimate hidden states side by side, `sum(text_widths)` wide (SDXL: 768 + 1280 = 2048). Both use the
     package's word tokenizer. `scheduler`: "euler" (SDXL's `EulerDiscreteScheduler`) or "ddim".
     """
-    folder = Path(folder or tempfile.mkdtemp(prefix="sepme-tokenizer-"))
-    tokenizer = write_word_tokenizer(folder, words, model_max_length=max_length)
+    tokenizer = word_tokenizer(words, max_length, folder)
     torch.manual_seed(seed)
     text_encoder = _text_encoder(CLIPTextModel, tokenizer, text_widths[0], max_length)
     torch.manual_seed(seed + 3)
