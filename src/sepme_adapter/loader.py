@@ -82,9 +82,6 @@ class SepMELoaderMixin:
     `unload_sepme`, `fuse_sepme` and `unfuse_sepme`."""
 
     # ------------------------------------------------------------ internals
-    def _sepme(self, create: bool = False) -> ErasureRuntime | None:
-        return erasure_runtime(self, create)
-
     def _sepme_fingerprint(self, runtime: ErasureRuntime) -> dict[str, Any]:
         if runtime.base_fingerprint is None:
             runtime.base_fingerprint = fingerprint(self, runtime.fused_originals)
@@ -167,7 +164,7 @@ class SepMELoaderMixin:
             >>> pipe.load_sepme("someone/sd15-erasers", weight_name="picasso.safetensors")
             'picasso'
         """
-        runtime = self._sepme(create=False)
+        runtime = erasure_runtime(self)
         if runtime is not None and runtime.fused and erase:
             raise SepMEStateError("erasers are fused into the weights; call pipe.unfuse_sepme() before "
                                   "loading with erase=True (or load with erase=False)")
@@ -186,7 +183,7 @@ class SepMELoaderMixin:
                 raise ValueError(f"an eraser named {name!r} is already loaded; pass adapter_name=... to load "
                                  f"another one, or pipe.unload_sepme([{name!r}]) first")
         created = runtime is None
-        runtime = self._sepme(create=True)
+        runtime = erasure_runtime(self, create=True)
         try:
             for eraser, where in loaded:
                 self._check_fits(eraser, runtime, allow_base_mismatch, where)
@@ -214,7 +211,7 @@ class SepMELoaderMixin:
             raise TypeError(f"set_erased takes a list of names, got the string {names!r}; "
                             f"did you mean set_erased([{names!r}])?")
         names = list(names)
-        runtime = self._sepme()
+        runtime = erasure_runtime(self)
         loaded = list(runtime.erasers) if runtime is not None else []
         unknown = [n for n in names if n not in loaded]
         if unknown:
@@ -246,13 +243,13 @@ class SepMELoaderMixin:
 
     def get_erased(self) -> list[str]:
         """The names of the erased concepts, in the order they were set."""
-        runtime = self._sepme()
+        runtime = erasure_runtime(self)
         return [] if runtime is None else list(runtime.active)
 
     def list_sepme(self) -> dict[str, dict[str, Any]]:
         """Every loaded eraser: its prompts, known concepts, protected prompts, basis, rank (None: full), leakage certificate
         (the largest relative K/V change it causes on the prompts it keeps; None if never measured) and state."""
-        runtime = self._sepme()
+        runtime = erasure_runtime(self)
         if runtime is None:
             return {}
         return {
@@ -267,7 +264,7 @@ class SepMELoaderMixin:
 
     def unload_sepme(self, names: Iterable[str] | None = None) -> None:
         """Remove erasers (default: all). With none left, the UNet carries no trace of SepME (no hooks)."""
-        runtime = self._sepme()
+        runtime = erasure_runtime(self)
         if runtime is None:
             if names:
                 raise KeyError(f"no eraser named {list(names)} is loaded; loaded: []")
@@ -296,7 +293,7 @@ class SepMELoaderMixin:
             >>> pipe.set_erased(["vangogh"]); pipe.fuse_sepme(); image = pipe(prompt).images[0]
             >>> pipe.unfuse_sepme()
         """
-        runtime = self._sepme()
+        runtime = erasure_runtime(self)
         if runtime is None or not runtime.active:
             raise SepMEStateError("nothing is erased, so there is nothing to fuse; load_sepme / set_erased first")
         if runtime.fused:
@@ -335,7 +332,7 @@ class SepMELoaderMixin:
         get the fused increments subtracted instead, with a `SepMEWarning`: that keeps the other change
         and is exact up to float round-off when the change was additive, as LoRA fusing is.
         """
-        runtime = self._sepme()
+        runtime = erasure_runtime(self)
         if runtime is None or not runtime.fused:
             raise SepMEStateError("nothing is fused; call pipe.fuse_sepme() first")
         self._refuse_fused_projections(runtime, "unfuse_sepme")
