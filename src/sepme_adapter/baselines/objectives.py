@@ -10,48 +10,63 @@ import torch
 import torch.nn.functional as F
 
 from ..processor import ErasureRuntime
-from ..text import encode_prompts
+from ..text import added_conditions, encode_prompts
 from ..training.concepts import Concept
 from ..unet import base_linear, cross_attention_modules
 from .attention import capture_attention
 from .config import LAYER_SETS, BaselineConfig
 
 
+def _added(time_ids: torch.Tensor | None, like: torch.Tensor, *pooled: torch.Tensor | None) -> dict[str, Any]:
+    """SDXL's `added_cond_kwargs` for rows with these pooled embeddings (concatenated, in order); `{}` for a UNet
+    without added conditions (`time_ids` or a pooled embedding None): the call stays exactly as before."""
+    if time_ids is None or any(p is None for p in pooled):
+        return {}
+    return added_conditions(torch.cat(pooled), time_ids, like.dtype, like.device)
+
+
 def esd_loss(unet: Any, runtime: ErasureRuntime, name: str, x_t: torch.Tensor, t: torch.Tensor,
-             concept: torch.Tensor, blank: torch.Tensor, eta: float) -> torch.Tensor:
+             concept: torch.Tensor, blank: torch.Tensor, eta: float, concept_pooled: torch.Tensor | None = None,
+             blank_pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """ESD-x (Gandikota et al. 2023, Eq. 6 of ESD; SepME Sec. 2):
     `|| eps(theta', x_t, c_f) - [eps(theta, x_t, c_0) - eta (eps(theta, x_t, c_f) - eps(theta, x_t, c_0))] ||^2`.
+
+    `concept_pooled`, `blank_pooled` (`1 x d_pool`) and `time_ids` (`1 x k`): SDXL's added conditions (None for
+    SD v1 / v2), likewise for the other losses.
     """
     with torch.no_grad(), runtime.per_row([None, None]):  # the frozen model theta: no increment
-        frozen = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([concept, blank])).sample.float()
+        frozen = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([concept, blank]),
+                      **_added(time_ids, x_t, concept_pooled, blank_pooled)).sample.float()
     eps_concept, eps_blank = frozen.chunk(2)
     target = eps_blank - eta * (eps_concept - eps_blank)
     with runtime.per_row([name]):
-        edited = unet(x_t, t, concept).sample.float()
+        edited = unet(x_t, t, concept, **_added(time_ids, x_t, concept_pooled)).sample.float()
     return F.mse_loss(edited, target)
 
 
 def ablation_loss(unet: Any, runtime: ErasureRuntime, name: str, x_t: torch.Tensor, t: torch.Tensor,
-                  concept: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+                  concept: torch.Tensor, anchor: torch.Tensor, concept_pooled: torch.Tensor | None = None,
+                  anchor_pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Concept Ablation, model-based (Kumari et al. 2023, Eq. 3; SepME Sec. 2):
     `|| eps(theta', x_t, c_f) - eps(theta, x_t, c*) ||^2`, `x_t` from images of the anchor `c*`.
     """
     with torch.no_grad(), runtime.per_row([None]):
-        target = unet(x_t, t, anchor).sample.float()
+        target = unet(x_t, t, anchor, **_added(time_ids, x_t, anchor_pooled)).sample.float()
     with runtime.per_row([name]):
-        edited = unet(x_t, t, concept).sample.float()
+        edited = unet(x_t, t, concept, **_added(time_ids, x_t, concept_pooled)).sample.float()
     return F.mse_loss(edited, target)
 
 
 def fmn_loss(unet: Any, runtime: ErasureRuntime, name: str, x_t: torch.Tensor, t: torch.Tensor,
-             concept: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+             concept: torch.Tensor, positions: Sequence[int], concept_pooled: torch.Tensor | None = None,
+             time_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Forget-Me-Not attention re-steering (Zhang et al. 2023, Sec. 3; SepME Sec. 2): the L2 norm of
     every `attn2` attention probability on the concept's token positions, `|| cat_l A_l[:, :, pos] ||_2`
     (as FMN's `AttnController.loss`), with the edited model `theta'`.
     """
     maps: list[torch.Tensor] = []
     with capture_attention(runtime, maps), runtime.per_row([name]):
-        unet(x_t, t, concept)
+        unet(x_t, t, concept, **_added(time_ids, x_t, concept_pooled))
     index = torch.as_tensor(list(positions), dtype=torch.long, device=x_t.device)
     return torch.cat([m.index_select(-1, index).float().flatten() for m in maps]).norm()
 

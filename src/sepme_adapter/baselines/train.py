@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..eraser import Eraser
 from ..errors import TrainingError
 from ..processor import ErasureRuntime
-from ..text import encode_prompts
+from ..text import default_time_ids, encode_prompts_pooled, uses_added_conditions, zeros_for_empty_prompt
 from ..training.concepts import Concept, prepare_concepts
 from ..training.harness import (
     base_model_metadata,
@@ -92,17 +92,29 @@ def method_objective(pipe: Any, runtime: ErasureRuntime, method: str, name: str,
     """`objective(x_t, t)` of ESD, ablation or FMN for one concept (FMN records its token positions in `extra`)."""
     unet = pipe.unet
     prompts = [concept.prompt, "" if method == "esd" else (anchor or "")]
-    texts = encode_prompts(pipe, prompts).to(device=unet.device, dtype=unet.dtype)
+    texts, pooled = encode_prompts_pooled(pipe, prompts)
+    texts = texts.to(device=unet.device, dtype=unet.dtype)
     concept_text, other_text = texts[:1], texts[1:]
+    # SDXL: pooled embeddings and the default size's time ids in every UNet call (None for SD v1 / v2)
+    time_ids = default_time_ids(pipe) if pooled is not None and uses_added_conditions(unet) else None
+    concept_pooled = other_pooled = None
+    if time_ids is not None:
+        pooled = pooled.to(device=unet.device, dtype=unet.dtype)
+        concept_pooled, other_pooled = pooled[:1], pooled[1:]
+    if method == "esd" and zeros_for_empty_prompt(pipe):  # SDXL's unconditional branch c_0 is zeros
+        other_text = torch.zeros_like(other_text)
+        other_pooled = None if other_pooled is None else torch.zeros_like(other_pooled)
     if method == "esd":
-        return lambda x_t, t: esd_loss(unet, runtime, name, x_t, t, concept_text, other_text, config.esd_eta)
+        return lambda x_t, t: esd_loss(unet, runtime, name, x_t, t, concept_text, other_text, config.esd_eta,
+                                       concept_pooled, other_pooled, time_ids)
     if method == "ablation":
-        return lambda x_t, t: ablation_loss(unet, runtime, name, x_t, t, concept_text, other_text)
+        return lambda x_t, t: ablation_loss(unet, runtime, name, x_t, t, concept_text, other_text, concept_pooled,
+                                            other_pooled, time_ids)
     positions = concept_token_positions(pipe, concept)
     ids = pipe.tokenizer(concept.prompt, truncation=True, max_length=pipe.tokenizer.model_max_length).input_ids
     extra["token_positions"] = positions
     extra["tokens"] = pipe.tokenizer.convert_ids_to_tokens([ids[p] for p in positions])
-    return lambda x_t, t: fmn_loss(unet, runtime, name, x_t, t, concept_text, positions)
+    return lambda x_t, t: fmn_loss(unet, runtime, name, x_t, t, concept_text, positions, concept_pooled, time_ids)
 
 
 def train_one(pipe: Any, runtime: ErasureRuntime, method: str, concept: Concept, anchor: str | None,
