@@ -124,3 +124,20 @@ def assert_erasing_keeps_the_excluded_prompts_exact(pipe, erasers, erased, conce
         assert (edited[key][:n] - original[key][:n]).abs().max() <= 1e-5 * scale, key
         assert (edited[key][n:] - original[key][n:]).abs().max() > 1e-2 * scale, key  # the concepts did change
     return original
+
+
+def interrupt_training_at(monkeypatch, call: int):
+    """Make `training.steps.noisy_latents` raise `KeyboardInterrupt` at its `call`-th call (one call per live
+    concept and iteration), as Ctrl-C would; returns a function that puts the real one back."""
+    from sepme_adapter.training import steps
+
+    real, calls = steps.noisy_latents, {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "noisy_latents", interrupting)
+    return lambda: monkeypatch.setattr(steps, "noisy_latents", real)

@@ -11,7 +11,7 @@ from sepme_adapter.certificate import leakage_certificate
 from sepme_adapter.formats import read_safetensors
 from sepme_adapter.hub import file_size, model_card, save_lora
 from sepme_adapter.testing import tiny_pipeline
-from sepme_adapter.training import TrainConfig, steps, train_erasers
+from sepme_adapter.training import TrainConfig, train_erasers
 from sepme_adapter.unet import layer_weight
 from sepme_adapter.verify import verify_eraser
 
@@ -19,6 +19,7 @@ from .helpers import (
     CONCEPTS,
     PROTECTED,
     assert_erasing_keeps_the_excluded_prompts_exact,
+    interrupt_training_at,
     make_eraser,
     make_rank_eraser,
     recording,
@@ -154,18 +155,10 @@ def test_training_at_rank_r_gives_exact_rank_r_erasers_and_separate_equals_simul
 
 def test_an_interrupted_rank_r_run_resumes_to_the_same_result(pipe, references, tmp_path, monkeypatch):
     expected = train(pipe, references, PAIRS[:2])
-    real, calls = steps.noisy_latents, {"n": 0}
-
-    def interrupt_at_iteration_5(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 4 + 1:  # two concepts per iteration
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(steps, "noisy_latents", interrupt_at_iteration_5)
+    restore = interrupt_training_at(monkeypatch, 2 * 4 + 1)  # two concepts per iteration: stops in iteration 5
     with pytest.raises(KeyboardInterrupt):
         train(pipe, references, PAIRS[:2], checkpoint_dir=tmp_path, config={"checkpoint_every": 2})
-    monkeypatch.setattr(steps, "noisy_latents", real)
+    restore()
     resumed = train(pipe, references, PAIRS[:2], checkpoint_dir=tmp_path, resume=True, config={"checkpoint_every": 2})
     for a, b in zip(expected, resumed):
         for layer in a.weights:

@@ -9,7 +9,7 @@ from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.training import Concept, TrainConfig, correlation_loss, steps, train_erasers, write_report
 from sepme_adapter.training.concepts import merge_concepts
 
-from .helpers import CONCEPTS, PROTECTED, keys_and_values, recording
+from .helpers import CONCEPTS, PROTECTED, interrupt_training_at, keys_and_values, recording
 
 PAIRS = [f"{n}={p}" for n, p in CONCEPTS.items()]
 # A random-weight UNet barely listens to its text, so the tests use a larger beta than SD needs.
@@ -103,19 +103,11 @@ def test_trained_erasers_keep_blank_known_and_protected_keys_and_values(referenc
 
 def test_an_interrupted_run_resumes_to_the_same_result(pipe, references, tmp_path, monkeypatch):
     expected = train(pipe, references, PAIRS[:2])
-    real, calls = steps.noisy_latents, {"n": 0}
-
-    def interrupt_at_iteration_7(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 6 + 1:  # two concepts per iteration
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(steps, "noisy_latents", interrupt_at_iteration_7)
+    restore = interrupt_training_at(monkeypatch, 2 * 6 + 1)  # two concepts per iteration: stops in iteration 7
     with pytest.raises(KeyboardInterrupt):
         train(pipe, references, PAIRS[:2], checkpoint_dir=tmp_path)
     assert (tmp_path / "group-0" / "checkpoint.safetensors").is_file()
-    monkeypatch.setattr(steps, "noisy_latents", real)
+    restore()
     resumed = train(pipe, references, PAIRS[:2], checkpoint_dir=tmp_path, resume=True)
     for a, b in zip(expected, resumed):
         assert a.metadata["history"]["l_cor"] == pytest.approx(b.metadata["history"]["l_cor"], rel=1e-5)
