@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from sepme_adapter import Eraser
 from sepme_adapter.cli import main
 from sepme_adapter.demo import CONCEPTS
 from sepme_adapter.demo.job import ERASED, KEPT, TRAIN_TEMPLATES, compositions, demo_concepts, phrasings
@@ -49,3 +50,19 @@ def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
         assert (tmp_path / name).is_file(), name
     out = capsys.readouterr().out
     assert "| orvan, pimsa, kadrel |" in out and "Held-out paraphrases" in out and "Compositions" in out
+
+
+@pytest.mark.slow
+def test_the_quick_demo_runs_on_the_sdxl_world_with_pooled_increments(tmp_path):
+    assert main(["demo", "--model", "sdxl", "--quick", "--quiet", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["model"] == "sdxl" and results["settings"]["pooled_increment"]
+    assert len(results["subsets"]) == 7
+    for name in ERASED:
+        eraser = Eraser.load(tmp_path / "erasers" / f"{name}.safetensors")
+        assert eraser.has_pooled and eraser.certificate <= 1e-5
+        assert eraser.metadata["pipeline"] == "StableDiffusionXLPipeline"
+    for subset in results["subsets"]:
+        for name in ERASED:
+            if name not in subset["erased"]:
+                assert subset["max_pixel_change"][name] <= 1 / 255 + 1e-6

@@ -69,6 +69,20 @@ def test_the_shipped_pipeline_loads_and_generates_32x32_images():
     assert torch.isfinite(images).all()
 
 
+def test_the_shipped_sdxl_world_is_an_sdxl_pipeline_with_a_pooled_path():
+    pipe = demo.load_pipeline("sdxl")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and pipe.config.force_zeros_for_empty_prompt
+    widths = pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size
+    assert pipe.unet.config.cross_attention_dim == sum(widths) == 96  # both encoders side by side
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert pipe.unet.add_embedding.linear_1.in_features == pipe.text_encoder_2.config.projection_dim + 6 * 8
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("a circle", num_inference_steps=2, generator=generator, output_type="pt").images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    with pytest.raises(ValueError, match="demo worlds"):
+        demo.pipeline_path("sd3")
+
+
 def test_the_classifiers_recognise_fresh_renders():
     classifiers = demo.load_classifiers()
     rng = np.random.default_rng(12345)

@@ -72,6 +72,17 @@ def null_space_basis(
     return vh[rank:].T.contiguous().to(torch.float32)
 
 
+def pooled_basis(pooled: Sequence[torch.Tensor], width: int, rtol: float | None = None) -> torch.Tensor:
+    """`S_pool` of SDXL's pooled increment (`width x m`, float32): the exact null space (Eq. 8) of the excluded
+    prompts' pooled embeddings (one row per prompt, `d_pool` wide), with zero rows for the rest of
+    `add_embedding.linear_1`'s input (`width` = `d_pool` + the embedded time ids), so the increment changes
+    the pooled-text columns only. Raise `EmptyNullSpaceError` when nothing is left."""
+    basis = null_space_basis([p.reshape(-1, p.shape[-1]) for p in pooled if p.numel()], rtol=rtol)
+    padded = torch.zeros(width, basis.shape[1], dtype=torch.float32)
+    padded[: basis.shape[0]] = basis
+    return padded
+
+
 MIN_EXACT_FRACTION = 1 / 8  # `choose_basis` keeps the exact null space while it has >= d_in / 8 dimensions
 AUTO_LEVELS = (1e-3, 3e-3, 1e-2)  # compact bounds `choose_basis` tries, tightest first
 DEFAULT_MAX_LEAKAGE = AUTO_LEVELS[0]

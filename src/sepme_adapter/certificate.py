@@ -7,6 +7,8 @@ known concepts' prompts, protected prompts; each an `L x d_in` embedding `c`), t
 
 the largest relative change of any `attn2` key or value those prompts see. With the exact null space
 (Eq. 8) it is float round-off (~1e-7); with a compact basis it is the measured price of capacity.
+An SDXL eraser's pooled increment counts too: `||p dW^T|| / ||p W^T||` on `add_embedding.linear_1`'s
+pooled-text columns for each excluded prompt's pooled embedding `p`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from typing import Any
 import torch
 
 from .eraser import Eraser
-from .text import encode_prompts
-from .unet import layer_weight
+from .text import encode_prompts_pooled
+from .unet import POOLED_LAYER, layer_weight
 
 
 def relative_change(embeddings: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -35,14 +37,19 @@ def leakage_certificate(pipe: Any, eraser: Eraser, prompts: list[str] | None = N
     Returns `{"max_leakage", "worst_prompt", "worst_layer", "prompts"}`.
     """
     prompts = eraser.excluded_prompts if prompts is None else list(prompts)
-    texts = encode_prompts(pipe, prompts).double()
+    texts, pooled = encode_prompts_pooled(pipe, prompts)
+    texts = texts.double()
     worst, worst_prompt, worst_layer = 0.0, None, None
     for layer in sorted(eraser.weights):
-        if not layer.endswith(("to_k", "to_v")):
+        if not layer.endswith(("to_k", "to_v")) and layer != POOLED_LAYER:
             continue  # dense to_q / to_out increments do not read text
         weight = (original_weights or {}).get(layer)
         weight = (layer_weight(pipe.unet, layer) if weight is None else weight).detach().double().cpu()
-        changes = relative_change(texts, eraser.delta(layer).double(), weight)
+        inputs = texts
+        if layer == POOLED_LAYER:  # one row per prompt: its pooled embedding, zeros on the time-id columns
+            inputs = torch.zeros(len(prompts), 1, weight.shape[1], dtype=torch.float64)
+            inputs[:, 0, : pooled.shape[-1]] = pooled.double()
+        changes = relative_change(inputs, eraser.delta(layer).double(), weight)
         index = int(changes.argmax())
         if float(changes[index]) >= worst:
             worst, worst_prompt, worst_layer = float(changes[index]), prompts[index], layer

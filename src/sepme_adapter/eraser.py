@@ -10,6 +10,11 @@ A rank-r eraser factors `w = B @ A` per layer (`B` d_out x r, `A` r x m): `dW = 
 an ordinary LoRA whose down-projection `A S_p^T` has its rows in the null space, so it keeps the
 exactness of the full `w`. Its file holds `<module path>.down` (`A S_p^T`, r x d_in) and `.w` (`B`)
 per layer, and no basis: a few hundred kB at SD v1.5 shape instead of ~35 MB.
+
+SDXL erasers may also carry the pooled increment: `dW = beta * w S_pool^T` on `add_embedding.linear_1`,
+the layer the pooled text embedding enters, with its own basis `S_pool` (tensor `pooled_basis`): the
+null space of the excluded prompts' pooled embeddings, as wide as the layer's input with zero rows on
+the time-id part, so only the pooled-text columns change.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from .formats import (
     DOWN_SUFFIX,
     FORMAT_NAME,
     FORMAT_VERSION,
+    POOLED_BASIS_KEY,
     RANK_FORMAT_VERSION,
     READABLE_VERSIONS,
     WEIGHT_SUFFIX,
@@ -40,7 +46,7 @@ from .formats import (
     lora_from_eraser,
     read_safetensors,
 )
-from .unet import DENSE_LAYERS, SEPARABLE_LAYERS
+from .unet import DENSE_LAYERS, POOLED_LAYER, SEPARABLE_LAYERS
 
 
 @dataclass
@@ -62,6 +68,8 @@ class Eraser:
         down: rank-r erasers only: per layer the LoRA down-projection, `A` (r x m, basis coordinates) with
             a `basis`, or `A S_p^T` (r x d_in, as stored in files) with `basis=None`; `weights[layer]` is
             then `B` (d_out x r). Empty (the default): full rank.
+        pooled_basis: SDXL only: `S_pool` (`d_in(add_embedding.linear_1) x m_pool`, orthonormal columns, zero
+            rows on the time-id part) of the pooled increment `weights["add_embedding.linear_1"]`; None: none.
 
     Example:
         >>> eraser = Eraser.load("vangogh.safetensors")
@@ -79,6 +87,7 @@ class Eraser:
     metadata: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
     down: dict[str, torch.Tensor] = field(default_factory=dict)
+    pooled_basis: torch.Tensor | None = None
     source: InitVar[str] = "eraser"  # names the file in validation errors; not stored
 
     def __post_init__(self, source: str) -> None:
@@ -102,16 +111,25 @@ class Eraser:
         if self.basis is not None:
             return int(self.basis.shape[0])
         if self.down:
-            return int(next(iter(self.down.values())).shape[1])
+            return int(next(a for p, a in self.down.items() if p != POOLED_LAYER).shape[1])
         return int(next(w.shape[1] for p, w in self.weights.items() if p.endswith(SEPARABLE_LAYERS)))
+
+    @property
+    def has_pooled(self) -> bool:
+        """Whether the eraser carries the pooled increment (SDXL's `add_embedding.linear_1`)."""
+        return POOLED_LAYER in self.weights
+
+    def basis_for(self, layer_path: str) -> torch.Tensor | None:
+        """The basis a layer's increment lives in: `S_pool` for the pooled layer, else `S_p`."""
+        return self.pooled_basis if layer_path == POOLED_LAYER else self.basis
 
     def down_projection(self, layer_path: str) -> torch.Tensor:
         """A rank-r layer's LoRA down-projection `A S_p^T` (r x d_in; rows in the null space), detached,
         in the dtype of `A`."""
-        down = self.down[layer_path].detach()
-        if self.basis is None:
+        down, basis = self.down[layer_path].detach(), self.basis_for(layer_path)
+        if basis is None:
             return down
-        return (down.double() @ self.basis.detach().double().T).to(down.dtype)
+        return (down.double() @ basis.detach().double().T).to(down.dtype)
 
     def delta(self, layer_path: str) -> torch.Tensor:
         """The increment of one layer in `nn.Linear.weight` layout: `beta * w @ S_p.T` (Eq. 10); rank r:
@@ -121,9 +139,10 @@ class Eraser:
         w = self.weights[layer_path].detach().float()
         if self.down:
             return self.beta * (w @ self.down_projection(layer_path).float())
-        if self.basis is None:
+        basis = self.basis_for(layer_path)
+        if basis is None:
             return self.beta * w
-        return self.beta * (w @ self.basis.detach().float().T)
+        return self.beta * (w @ basis.detach().float().T)
 
     def dtheta_p(self) -> float:
         """`||dtheta||_p = ||dtheta||_1 / M`, M = number of modified layers (paper Eq. 4)."""
@@ -189,7 +208,11 @@ class Eraser:
         if not isinstance(self.weights, dict) or not self.weights:
             fail("weights is empty: an eraser needs at least one layer increment")
         allowed = SEPARABLE_LAYERS if self.separable else DENSE_LAYERS
+        self._validate_pooled(fail)
         for path, w in self.weights.items():
+            if path == POOLED_LAYER:
+                self._check_tensor(w, path, fail)
+                continue  # checked by _validate_pooled
             if not isinstance(path, str) or not path.endswith(allowed):
                 fail(f"layer {path!r} is not one of the layers a {'separable' if self.separable else 'dense'} "
                      f"eraser may change (names ending in {', '.join(allowed)})")
@@ -203,6 +226,26 @@ class Eraser:
         if self.down:
             self._validate_down(fail)
 
+    def _validate_pooled(self, fail) -> None:
+        """The pooled increment: separable only, with its own basis (full rank) or down-projection (rank r)."""
+        if not self.has_pooled:
+            if self.pooled_basis is not None:
+                fail(f"a pooled basis without a pooled increment ({POOLED_LAYER}.w)")
+            return
+        w = self.weights[POOLED_LAYER]
+        if not self.separable:
+            fail(f"{POOLED_LAYER}: only separable erasers carry a pooled increment")
+        if self.pooled_basis is None and POOLED_LAYER not in self.down:
+            fail(f"{POOLED_LAYER}: the pooled increment needs its basis 'pooled_basis' (or, rank r, a "
+                 f"'{POOLED_LAYER}.down')")
+        if self.pooled_basis is not None:
+            basis = self.pooled_basis
+            self._check_tensor(basis, POOLED_BASIS_KEY, fail)
+            if basis.ndim != 2 or not 1 <= basis.shape[1] <= basis.shape[0]:
+                fail(f"pooled_basis must be d_in x m with 1 <= m <= d_in, got shape {tuple(basis.shape)}")
+            if w.ndim == 2 and POOLED_LAYER not in self.down and w.shape[1] != basis.shape[1]:
+                fail(f"{POOLED_LAYER}: w has {w.shape[1]} columns but pooled_basis has {basis.shape[1]}")
+
     def _validate_down(self, fail) -> None:
         """Rank r: one `A` per layer, chaining with `B`, in basis coordinates (with a basis) or d_in wide."""
         if not isinstance(self.down, dict) or set(self.down) != set(self.weights):
@@ -213,8 +256,13 @@ class Eraser:
             self._check_tensor(down, f"{path}{DOWN_SUFFIX}", fail)
             if down.ndim != 2 or down.shape[0] < 1:
                 fail(f"{path}: the down-projection must be r x {'m' if width else 'd_in'}, got {tuple(down.shape)}")
-            width = int(down.shape[1]) if width is None else width
-            if down.shape[1] != width:
+            if path == POOLED_LAYER:  # its own basis and width
+                if self.pooled_basis is not None and down.shape[1] != self.pooled_basis.shape[1]:
+                    fail(f"{path}: the down-projection has {down.shape[1]} columns, pooled_basis "
+                         f"{self.pooled_basis.shape[1]}")
+            elif width is None:
+                width = int(down.shape[1])
+            if path != POOLED_LAYER and down.shape[1] != width:
                 fail(f"{path}: the down-projection has {down.shape[1]} columns, expected {width} "
                      f"({'the basis dimension m' if self.basis is not None else 'the text width, as every layer'})")
             if self.weights[path].shape[1] != down.shape[0]:
@@ -259,6 +307,8 @@ class Eraser:
                             for path in self.down})
         elif self.basis is not None:
             tensors[BASIS_KEY] = self.basis.detach().cpu().contiguous()
+            if self.pooled_basis is not None:
+                tensors[POOLED_BASIS_KEY] = self.pooled_basis.detach().cpu().contiguous()
         return tensors
 
     def to_lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -329,12 +379,12 @@ class Eraser:
         if header["kind"] not in ("separable", "dense"):
             raise fail(f"unknown eraser kind {header['kind']!r}")
         unexpected = [key for key in tensors
-                      if key != BASIS_KEY and not key.endswith((WEIGHT_SUFFIX, DOWN_SUFFIX))]
+                      if key not in (BASIS_KEY, POOLED_BASIS_KEY) and not key.endswith((WEIGHT_SUFFIX, DOWN_SUFFIX))]
         if unexpected:
             raise fail(f"unexpected tensor {unexpected[0]!r} (expected 'basis' and '<layer path>.w')")
         eraser = cls(name=header["name"], prompt=header["prompt"], basis=basis, weights=layer_weights(tensors),
                      beta=beta, known=known, protected=protected, metadata=metadata, prompts=prompts,
-                     down=downs, source=source)
+                     down=downs, pooled_basis=tensors.get(POOLED_BASIS_KEY), source=source)
         if "rank" in header and header["rank"] != str(eraser.rank):
             raise fail(f"metadata rank {header['rank']} does not match the tensors ({eraser.rank})")
         if "text_width" in header and header["text_width"] != str(eraser.text_width):

@@ -32,12 +32,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from .errors import EraserFileError
+from .unet import POOLED_LAYER
 
 FORMAT_NAME = "sepme-eraser"
 FORMAT_VERSION = "1"
 RANK_FORMAT_VERSION = "2"  # rank-r erasers (`.down` tensors, no basis); full-rank files stay version 1
 READABLE_VERSIONS = (FORMAT_VERSION, RANK_FORMAT_VERSION)
 BASIS_KEY = "basis"
+POOLED_BASIS_KEY = "pooled_basis"  # SDXL's pooled increment on add_embedding.linear_1 (S_pool, its own basis)
 WEIGHT_SUFFIX = ".w"
 DOWN_SUFFIX = ".down"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -149,7 +151,8 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
             lora_a = downs[layer_path].detach().cpu().contiguous()
             lora_b = (beta * w.detach().cpu().float()).to(w.dtype).contiguous()
         else:
-            lora_a, lora_b = lora_factors(w, beta, basis)
+            own = tensors.get(POOLED_BASIS_KEY) if layer_path == POOLED_LAYER else basis
+            lora_a, lora_b = lora_factors(w, beta, own)
         lora[f"{UNET_PREFIX}{layer_path}.lora_A.weight"] = lora_a
         lora[f"{UNET_PREFIX}{layer_path}.lora_B.weight"] = lora_b
         ranks[layer_path] = int(lora_a.shape[0])
@@ -256,12 +259,15 @@ def eraser_from_lora(tensors: StateDict, header: Header, source: str = "eraser")
             state[f"{path}{WEIGHT_SUFFIX}"] = (lora_b.double() / beta).to(lora_b.dtype).contiguous()
         return state, sepme
     separable = sepme.get("kind") == "separable"
-    first_a = next(iter(factors.values()))["lora_A"]
+    first_a = next(pair for path, pair in factors.items() if path != POOLED_LAYER)["lora_A"]
     for path, pair in factors.items():
         lora_a, lora_b = pair["lora_A"], pair["lora_B"]
         if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
             raise fail(f"{path}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not chain")
-        if separable:
+        if separable and path == POOLED_LAYER:  # the pooled increment has its own basis
+            state[POOLED_BASIS_KEY] = lora_a.T.contiguous()
+            w = lora_b.double() / beta
+        elif separable:
             if not torch.equal(lora_a, first_a):
                 raise fail(f"{path}: lora_A differs from the other layers', but a separable eraser shares one "
                            f"basis S_p; the file was edited or is not a SepME export")

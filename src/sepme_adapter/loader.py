@@ -100,8 +100,15 @@ class SepMELoaderMixin:
             d_out, d_in = linear.weight.shape
             if eraser.down:  # rank r: B is d_out x r
                 expected = (d_out, int(eraser.down[layer_path].shape[0]))
+            elif eraser.separable:
+                basis = eraser.basis_for(layer_path)
+                expected = (d_out, basis.shape[1])
+                if basis.shape[0] != d_in:
+                    raise BaseModelMismatchError(
+                        f"{source}: {layer_path} reads {d_in}-wide inputs but the eraser's basis for it is "
+                        f"{basis.shape[0]} wide; the eraser was made for another model")
             else:
-                expected = (d_out, eraser.basis.shape[1]) if eraser.separable else (d_out, d_in)
+                expected = (d_out, d_in)
             if tuple(w.shape) != expected:
                 raise BaseModelMismatchError(
                     f"{source}: {layer_path} has w of shape {tuple(w.shape)}, this UNet needs {expected}; "
@@ -248,7 +255,8 @@ class SepMELoaderMixin:
 
     def list_sepme(self) -> dict[str, dict[str, Any]]:
         """Every loaded eraser: its prompts, known concepts, protected prompts, basis, rank (None: full), leakage certificate
-        (the largest relative K/V change it causes on the prompts it keeps; None if never measured) and state."""
+        (the largest relative K/V change it causes on the prompts it keeps; None if never measured), whether it
+        has SDXL's pooled increment, and state."""
         runtime = erasure_runtime(self)
         if runtime is None:
             return {}
@@ -257,7 +265,7 @@ class SepMELoaderMixin:
                 "concept": e.name, "prompt": e.prompt, "prompts": list(e.prompts), "known": dict(e.known),
                 "protected": list(e.protected), "separable": e.separable, "erased": name in runtime.active,
                 "beta": e.beta, "rank": e.rank, "base_model": e.metadata.get("base_model"),
-                "basis": e.metadata.get("basis"), "certificate": e.certificate,
+                "basis": e.metadata.get("basis"), "certificate": e.certificate, "pooled": e.has_pooled,
             }
             for name, e in runtime.erasers.items()
         }

@@ -5,7 +5,8 @@ The increments are applied where the paper puts them, on the projections themsel
 `nn.Linear` of every `attn2.to_k` / `attn2.to_v` (under any PEFT LoRA wrapper, so a user's LoRA
 keeps working on top) carries a forward hook that adds the active erasers' increments to its
 output. So does the fused `to_kv` that `fuse_qkv_projections()` creates (both increments), and
-`to_q` / `to_out.0` when a dense eraser changes them.
+`to_q` / `to_out.0` when a dense eraser changes them, and SDXL's `add_embedding.linear_1` (the layer the
+pooled text embedding enters) while an eraser with a pooled increment is loaded.
 
 Attention processors are never replaced or wrapped: whatever diffusers installs (default, sliced,
 xFormers, fused, IP-Adapter) is diffusers' own object, so `unet.attn_processors`,
@@ -32,7 +33,7 @@ from torch import nn
 
 from .eraser import Eraser
 from .errors import ErasureNotAppliedError
-from .unet import base_linear, cross_attention_modules
+from .unet import POOLED_LAYER, base_linear, cross_attention_modules
 
 # A plan says which erasers apply to which batch rows: (adapter name, row indices or None = all).
 Plan = tuple[tuple[str, "torch.Tensor | None"], ...]
@@ -213,6 +214,8 @@ class ErasureRuntime:
         if not self._module_hooks:  # removed
             return
         wanted: dict[str, tuple[str, tuple[str, ...], nn.Module]] = {}
+        if any(e.has_pooled for e in self.erasers.values()):
+            wanted[POOLED_LAYER] = ("add_embedding", (POOLED_LAYER,), self.unet.get_submodule(POOLED_LAYER))
         for path, attn in self.attention.items():
             for proj in self._hooked_projections:
                 wanted[f"{path}.{proj}"] = (path, (f"{path}.{proj}",), attn.get_submodule(proj))
@@ -357,8 +360,14 @@ class ErasureRuntime:
 
     def low_rank_input(self, name: str, layer_path: str, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """What `B` multiplies for one eraser and layer: `x @ S_p` (full rank, shared by every layer), `x` itself
-        (dense), or `x @ (A S_p^T).T` (rank r; a trainable eraser reads `A` live on the cached `x @ S_p`)."""
+        (dense), or `x @ (A S_p^T).T` (rank r; a trainable eraser reads `A` live on the cached `x @ S_p`).
+        The pooled layer (SDXL) uses its own basis `S_pool` (one small product per UNet call, not cached)."""
         eraser = self.erasers[name]
+        pooled = layer_path == POOLED_LAYER
+        if pooled and (not eraser.down or name in self.trainable):
+            selected = x if rows is None else x.index_select(0, rows.to(x.device))
+            projected = selected @ self.basis(name, x, layer_path)
+            return projected if not eraser.down else F.linear(projected, eraser.down[layer_path].to(x.dtype))
         if not eraser.down:
             return self.projection(name, x, rows)
         if name in self.trainable:
@@ -366,14 +375,16 @@ class ErasureRuntime:
         selected = x if rows is None else x.index_select(0, rows.to(x.device))
         return F.linear(selected, self.down_projection(name, layer_path, x))
 
-    def basis(self, name: str, like: torch.Tensor) -> torch.Tensor:
+    def basis(self, name: str, like: torch.Tensor, layer_path: str | None = None) -> torch.Tensor:
+        """The eraser's `S_p` (or, for the pooled layer, `S_pool`) in the activations' dtype and device (cached)."""
         eraser = self.erasers[name]
+        basis = eraser.basis_for(layer_path) if layer_path is not None else eraser.basis
         if _compiling():
-            return eraser.basis.detach().to(device=like.device, dtype=like.dtype)
-        key = (name, "basis", like.device, like.dtype)
+            return basis.detach().to(device=like.device, dtype=like.dtype)
+        key = (name, "pooled_basis" if basis is not eraser.basis else "basis", like.device, like.dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
-            cached = eraser.basis.detach().to(device=like.device, dtype=like.dtype)
+            cached = basis.detach().to(device=like.device, dtype=like.dtype)
             self._cast_cache[key] = cached
         return cached
 

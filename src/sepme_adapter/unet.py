@@ -14,6 +14,17 @@ DENSE_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # layer-path endings an increment may touch (checked when an eraser is built or loaded)
 SEPARABLE_LAYERS = tuple(f"attn2.{p}" for p in SEPARABLE_PROJECTIONS)
 DENSE_LAYERS = (*SEPARABLE_LAYERS, "attn2.to_q", "attn2.to_out.0")
+# SDXL: the pooled text embedding reaches the UNet through this layer (its input is `[pooled, time ids
+# embedded]`), not through `attn2`; the pooled increment changes its pooled-text columns only
+POOLED_LAYER = "add_embedding.linear_1"
+
+
+def pooled_layer(unet: nn.Module) -> nn.Linear | None:
+    """The `nn.Linear` the pooled text embedding enters (`add_embedding.linear_1` of an
+    `addition_embed_type="text_time"` UNet: SDXL), or None."""
+    if getattr(getattr(unet, "config", None), "addition_embed_type", None) != "text_time":
+        return None
+    return base_linear(unet.get_submodule(POOLED_LAYER))
 
 
 def cross_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:

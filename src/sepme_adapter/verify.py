@@ -15,7 +15,7 @@ from typing import Any
 from .certificate import leakage_certificate
 from .eraser import Eraser
 from .text import encode_prompts
-from .unet import base_linear
+from .unet import POOLED_LAYER, base_linear
 
 LEAK_TOLERANCE = 1e-4  # relative to the increment's effect on the concept's own prompt
 # Below this relative change of the concept's keys / values an eraser "does nothing": half-precision
@@ -54,7 +54,7 @@ def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT,
     for layer in eraser.weights:
         delta = eraser.delta(layer).double()
         weight = base_linear(pipe.unet.get_submodule(layer)).weight.detach().double().cpu()
-        if delta.shape[1] != concept.shape[-1]:  # dense to_q / to_out increments do not read text
+        if layer == POOLED_LAYER or delta.shape[1] != concept.shape[-1]:  # not per-token text (to_q, pooled)
             layers[layer] = {"increment_norm": float(delta.norm())}
             continue
         effect = float((concept @ delta.T).norm())

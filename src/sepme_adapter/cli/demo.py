@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..demo import MODELS
 from ..demo.job import BATCH_SIZE, run_demo
 from .options import add_generation_options, add_quiet_option, new_command
 
@@ -14,7 +15,12 @@ from .options import add_generation_options, add_quiet_option, new_command
 def register(subparsers: Any) -> None:
     parser = new_command(subparsers, "demo", __doc__, run,
                          help="erase, restore and measure on the built-in demo world")
-    parser.add_argument("--out", "-o", default="sepme-demo", help="output folder (default ./sepme-demo)")
+    parser.add_argument("--model", choices=MODELS, default="sd",
+                        help="the demo world: sd (SD v1 architecture, default) or sdxl (SDXL's: two text encoders, "
+                             "pooled embeddings and time ids)")
+    parser.add_argument("--out", "-o", help="output folder (default ./sepme-demo, ./sepme-demo-sdxl for --model sdxl)")
+    parser.add_argument("--pooled-increment", action=argparse.BooleanOptionalAction, default=True,
+                        help="SDXL: give each eraser its pooled increment on add_embedding (default on)")
     parser.add_argument("--quick", action="store_true", help="a shorter run (used by the tests)")
     parser.add_argument("--seeds", type=int, help="seeds per prompt (default 10, quick 4)")
     add_generation_options(parser, BATCH_SIZE)
@@ -22,5 +28,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.out, args.quick, args.seeds, not args.quiet, threads=args.threads, batch_size=args.batch_size)
+    out = args.out or ("sepme-demo" if args.model == "sd" else f"sepme-demo-{args.model}")
+    run_demo(out, args.quick, args.seeds, not args.quiet, threads=args.threads, batch_size=args.batch_size,
+             model=args.model, pooled_increment=args.pooled_increment)
     return 0

@@ -61,8 +61,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     defaults, paper = TrainConfig(), TrainConfig.paper()
     for item in fields(TrainConfig):
         default = getattr(defaults, item.name)
-        if isinstance(default, bool):
-            kind: dict[str, Any] = {"action": "store_const", "const": True}
+        if isinstance(default, bool):  # --flag / --no-flag
+            kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         elif isinstance(default, str):
             kind = {"choices": STOP_STATISTICS}
         else:

@@ -7,7 +7,10 @@ and the classifiers that tell which concept a generated image shows.
 >>> demo.load_classifiers()["object"].predict([image])
 ['circle']
 
-The assets are built by `python -m sepme_adapter.demo.build` (see `build.py`).
+The assets are built by `python -m sepme_adapter.demo.build` (see `build.py`). `model="sdxl"` gives the
+SDXL-architecture world (`StableDiffusionXLPipeline`: two text encoders, pooled embeddings and time ids
+through `add_embedding`), built by `python -m sepme_adapter.demo.build --model sdxl`, judged by the same
+classifiers.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "CONCEPTS",
     "IMAGE_SIZE",
     "LABELS",
+    "MODELS",
     "OBJECTS",
     "PLAIN",
     "STYLES",
@@ -68,16 +72,24 @@ def _require(path: Path) -> Path:
     return path
 
 
-def pipeline_path() -> str:
-    """The folder of the demo's `StableDiffusionPipeline` (a `save_pretrained` layout)."""
-    return str(_require(ASSETS / "pipeline"))
+MODELS = ("sd", "sdxl")
+"""The demo worlds: SD v1 architecture (`StableDiffusionPipeline`) and SDXL's (`StableDiffusionXLPipeline`)."""
 
 
-def load_pipeline(**kwargs: Any):
-    """`StableDiffusionPipeline.from_pretrained(pipeline_path(), **kwargs)`: 32x32 images, CPU-friendly."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_path(model: str = "sd") -> str:
+    """The folder of the demo's pipeline (a `save_pretrained` layout) for `model` ("sd" or "sdxl")."""
+    if model not in MODELS:
+        raise ValueError(f"the demo worlds are {MODELS}, got {model!r}")
+    return str(_require(ASSETS / "pipeline" if model == "sd" else ASSETS / "sdxl" / "pipeline"))
 
-    return StableDiffusionPipeline.from_pretrained(pipeline_path(), **kwargs)
+
+def load_pipeline(model: str = "sd", **kwargs: Any):
+    """The demo's `StableDiffusionPipeline` ("sd") or `StableDiffusionXLPipeline` ("sdxl"), `from_pretrained(
+    pipeline_path(model), **kwargs)`: 32x32 images, CPU-friendly."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    cls = StableDiffusionPipeline if model == "sd" else StableDiffusionXLPipeline
+    return cls.from_pretrained(pipeline_path(model), **kwargs)
 
 
 def load_classifiers() -> dict[str, ConceptClassifier]:

@@ -16,6 +16,15 @@ Stages (each seeded and timed; the recipe, timings and measured accuracies go to
    concept's prompts, and a grid of samples (`samples.png`).
 
 It runs on CPU in a few tens of minutes on one thread; `--quick` is a smoke test.
+
+`--model sdxl` builds the SDXL-architecture world into `assets/sdxl/` from the SD world's
+autoencoder and classifiers (which it needs): two frozen random CLIP text encoders (a
+`CLIPTextModel` and a `CLIPTextModelWithProjection`, whose penultimate hidden states side by side
+are the 96-wide prompt embedding, as SDXL's 768 + 1280), a denoiser with
+`addition_embed_type="text_time"` (the pooled embedding and six time ids through `add_embedding`),
+trained with caption dropout to zero embeddings (SDXL's `force_zeros_for_empty_prompt`) and
+warm-started from the SD world's denoiser (every weight of equal name and shape), then its own
+quality gate.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,12 +46,14 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .classifier import ConceptClassifier, Sampler, held_out_accuracy, train_classifier
 from .tokenizer import write_word_tokenizer
@@ -95,11 +106,17 @@ class Recipe:
     # (DDIM steps, guidance); the first is the sampler `sepme demo` uses and gates
     eval_settings: tuple[tuple[int, float], ...] = ((20, 5.0), (25, 7.5))
     min_accuracy: float = 0.9
+    # the SDXL-architecture world (`--model sdxl`); its prompt embedding is as wide as `text_width`
+    sdxl_text_widths: tuple[int, int] = (32, 64)
+    sdxl_time_embed_dim: int = 8
+    sdxl_unet_steps: int = 1500
+    sdxl_unet_lr: float = 1e-3
 
 
 QUICK = {
     "vae_steps": 20,
     "unet_steps": 20,
+    "sdxl_unet_steps": 20,
     "classifier_steps": 20,
     "eval_seeds": 2,
     "eval_extra_seeds": 2,
@@ -126,15 +143,13 @@ def _to_model(images: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- stage 1: text
 
 
-def build_text(recipe: Recipe, folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """The word tokenizer over every caption word, and a random frozen CLIP text encoder."""
-    tokenizer = write_word_tokenizer(folder, VOCABULARY, recipe.max_tokens)
-    torch.manual_seed(recipe.seed)
+def random_text_encoder(recipe: Recipe, tokenizer: CLIPTokenizer, width: int, cls: type = CLIPTextModel):
+    """A random, frozen CLIP text encoder of `width` over the word tokenizer (seeded by the caller)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=recipe.text_width,
-        intermediate_size=4 * recipe.text_width,
-        projection_dim=recipe.text_width,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        projection_dim=width,
         num_hidden_layers=recipe.text_layers,
         num_attention_heads=recipe.text_heads,
         max_position_embeddings=recipe.max_tokens,
@@ -142,8 +157,14 @@ def build_text(recipe: Recipe, folder: Path) -> tuple[CLIPTokenizer, CLIPTextMod
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    text_encoder = CLIPTextModel(config).eval().requires_grad_(False)
-    return tokenizer, text_encoder
+    return cls(config).eval().requires_grad_(False)
+
+
+def build_text(recipe: Recipe, folder: Path) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """The word tokenizer over every caption word, and a random frozen CLIP text encoder."""
+    tokenizer = write_word_tokenizer(folder, VOCABULARY, recipe.max_tokens)
+    torch.manual_seed(recipe.seed)
+    return tokenizer, random_text_encoder(recipe, tokenizer, recipe.text_width)
 
 
 @torch.no_grad()
@@ -159,6 +180,35 @@ def encode_captions(
         return_tensors="pt",
     ).input_ids
     return text_encoder(ids).last_hidden_state
+
+
+Conditioning = Callable[[list[str]], tuple[torch.Tensor, dict | None]]
+"""Captions -> (prompt embeddings, the UNet's `added_cond_kwargs` or None)."""
+
+
+def sd_conditioning(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> Conditioning:
+    """SD v1: the encoder's last hidden state; a dropped caption is the blank prompt."""
+    return lambda captions: (encode_captions(tokenizer, text_encoder, captions), None)
+
+
+def sdxl_conditioning(tokenizer: CLIPTokenizer, encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+                      time_ids: list[int]) -> Conditioning:
+    """SDXL, as `StableDiffusionXLPipeline.encode_prompt` computes it: both encoders' penultimate hidden
+    states side by side, the second's projected pooled output, the size / crop time ids; a dropped
+    (blank) caption becomes zeros, the unconditional branch under `force_zeros_for_empty_prompt`."""
+
+    @torch.no_grad()
+    def condition(captions: list[str]) -> tuple[torch.Tensor, dict]:
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids
+        outputs = [encoder(ids, output_hidden_states=True) for encoder in encoders]
+        context = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
+        pooled = outputs[1].text_embeds
+        keep = torch.tensor([c != "" for c in captions], dtype=context.dtype)
+        context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        return context, {"text_embeds": pooled, "time_ids": torch.tensor([time_ids] * len(captions)).float()}
+
+    return condition
 
 
 # ---------------------------------------------------------------- stage 2: autoencoder
@@ -209,10 +259,19 @@ def train_vae(recipe: Recipe, rng: np.random.Generator) -> AutoencoderKL:
 # ---------------------------------------------------------------- stage 3: denoiser
 
 
-def make_unet(recipe: Recipe) -> UNet2DConditionModel:
-    """Cross-attention at 8x8, 4x4 and in the middle block: 7 `attn2` layers over 96-wide text."""
+def make_unet(recipe: Recipe, sdxl: bool = False) -> UNet2DConditionModel:
+    """Cross-attention at 8x8, 4x4 and in the middle block: 7 `attn2` layers over 96-wide text.
+
+    `sdxl`: SDXL's added conditions too (`addition_embed_type="text_time"`: the pooled text embedding
+    and six time ids, each embedded in `sdxl_time_embed_dim` sinusoids, through `add_embedding`)."""
     torch.manual_seed(recipe.seed)
+    added = {} if not sdxl else dict(
+        addition_embed_type="text_time",
+        addition_time_embed_dim=recipe.sdxl_time_embed_dim,
+        projection_class_embeddings_input_dim=recipe.sdxl_text_widths[1] + 6 * recipe.sdxl_time_embed_dim,
+    )
     return UNet2DConditionModel(
+        **added,
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -229,26 +288,36 @@ def make_unet(recipe: Recipe) -> UNet2DConditionModel:
 def train_unet(
     recipe: Recipe,
     vae: AutoencoderKL,
-    tokenizer: CLIPTokenizer,
-    text_encoder: CLIPTextModel,
+    condition: Conditioning,
     noise_scheduler: DDPMScheduler,
     rng: np.random.Generator,
     checkpoint: Path | None = None,
+    sdxl: bool = False,
+    warm_start: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UNet2DConditionModel, list[float]]:
     """Train with the DDPM epsilon loss on fresh renders; return the EMA weights and the loss curve.
 
-    With `checkpoint`, the whole training state (weights, optimiser, random streams) is saved
-    there every `recipe.checkpoint_every` steps and training resumes from it, with the same
+    `condition` encodes a batch's captions; `sdxl` builds the SDXL-architecture denoiser (trained for
+    `sdxl_unet_steps` at `sdxl_unet_lr`), starting from every tensor of `warm_start` whose name and
+    shape it shares. With `checkpoint`, the whole training state (weights, optimiser, random streams)
+    is saved there every `recipe.checkpoint_every` steps and training resumes from it, with the same
     result as an uninterrupted run.
     """
-    unet = make_unet(recipe)
+    unet = make_unet(recipe, sdxl)
+    if warm_start is not None:
+        own = unet.state_dict()
+        shared = {k: v for k, v in warm_start.items() if k in own and own[k].shape == v.shape}
+        unet.load_state_dict(shared, strict=False)
+        print(f"[build] unet: warm start, {len(shared)} of {len(own)} tensors", flush=True)
+    total = recipe.sdxl_unet_steps if sdxl else recipe.unet_steps
+    lr = recipe.sdxl_unet_lr if sdxl else recipe.unet_lr
     ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.unet_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
 
     def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 10%
         if step < recipe.unet_warmup:
             return (step + 1) / recipe.unet_warmup
-        progress = (step - recipe.unet_warmup) / max(1, recipe.unet_steps - recipe.unet_warmup)
+        progress = (step - recipe.unet_warmup) / max(1, total - recipe.unet_warmup)
         return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -265,18 +334,19 @@ def train_unet(
         rng.bit_generator.state = json.loads(state["rng"])
         losses, first = state["losses"].tolist(), state["step"]
         print(f"[build] unet: resuming at step {first}", flush=True)
-    progress = tqdm(range(first, recipe.unet_steps), desc="unet", initial=first, total=recipe.unet_steps)
+    progress = tqdm(range(first, total), desc="unet", initial=first, total=total)
     for step in progress:
         batch = sample_caption_batch(recipe.unet_batch, rng, recipe.caption_dropout)
         with torch.no_grad():
             latents = vae.encode(_to_model(batch.images)).latent_dist.mean * vae.config.scaling_factor
-            context = encode_captions(tokenizer, text_encoder, batch.captions)
+            context, added = condition(batch.captions)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
         )
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, context).sample, noise)
+        prediction = unet(noisy, timesteps, context, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -355,16 +425,18 @@ def _accuracy(classifier: ConceptClassifier, name: str, images: torch.Tensor) ->
     return float(np.mean([p == name for p in classifier.predict(images)]))
 
 
-def quality_gate(out: Path, recipe: Recipe) -> dict:
+def quality_gate(out: Path, recipe: Recipe, world: Path | None = None) -> dict:
     """Classifier accuracy on generated images for every concept prompt, per sampler setting.
 
     Loads the saved pipeline and classifiers (what users load). The gate passes when every
     canonical prompt reaches `recipe.min_accuracy` in the first setting (the sampler `sepme
     demo` uses); the others are reported. The first setting's canonical images (and the blank
     prompt's) go to `samples.png`. The first setting is also measured on
-    `recipe.eval_extra_seeds` further seeds and reported without gating.
+    `recipe.eval_extra_seeds` further seeds and reported without gating. `world`: the folder of
+    another world's `pipeline` (the SDXL one), judged by the same classifiers; default `out`.
     """
-    pipe = StableDiffusionPipeline.from_pretrained(out / "pipeline")
+    world = world or out
+    pipe = DiffusionPipeline.from_pretrained(world / "pipeline")
     pipe.set_progress_bar_config(disable=True)
     classifiers = {family: ConceptClassifier.load(out / "classifiers", family) for family in LABELS}
     seeds = list(range(recipe.eval_seeds))
@@ -393,7 +465,7 @@ def quality_gate(out: Path, recipe: Recipe) -> dict:
         for name, c in (CONCEPTS.items() if extra_seeds else ())
     }
     rows[""] = generate(pipe, "", list(range(8)), steps, guidance)
-    save_grid(rows, out / "samples.png")
+    save_grid(rows, world / "samples.png")
     passed = all(a >= recipe.min_accuracy for a in settings[0]["canonical"].values())
     return {
         "seeds": len(seeds),
@@ -435,12 +507,7 @@ def train_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
     pipeline_folder = out / "pipeline"
     # Work in progress (the trained autoencoder, the denoiser's checkpoint) lives in `_work`
     # until the pipeline is saved, so a killed build resumes where it stopped.
-    work = out / "_work"
-    recipe_json = json.dumps(asdict(recipe), sort_keys=True)
-    if work.exists() and (work / "recipe.json").read_text() != recipe_json:
-        shutil.rmtree(work)
-    work.mkdir(exist_ok=True)
-    (work / "recipe.json").write_text(recipe_json)
+    work = _work_folder(out / "_work", recipe)
     with _timed(timings, "text"):
         tokenizer, text_encoder = build_text(recipe, pipeline_folder / "tokenizer")
     with _timed(timings, "autoencoder"):
@@ -456,8 +523,7 @@ def train_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
         unet, losses = train_unet(
             recipe,
             vae,
-            tokenizer,
-            text_encoder,
+            sd_conditioning(tokenizer, text_encoder),
             noise_scheduler,
             np.random.default_rng([recipe.seed, 2]),
             checkpoint=work / "unet_checkpoint.pt",
@@ -489,19 +555,104 @@ def train_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
     }
 
 
+def _work_folder(work: Path, recipe: Recipe) -> Path:
+    """`work`, emptied unless it holds a killed build of this same recipe (which then resumes)."""
+    recipe_json = json.dumps(asdict(recipe), sort_keys=True)
+    if work.exists() and (work / "recipe.json").read_text() != recipe_json:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(recipe_json)
+    return work
+
+
+SDXL_TIME_IDS = [32, 32, 0, 0, 32, 32]
+"""Original size, crop top-left and target size, as the SDXL pipeline builds them for 32x32 images."""
+
+
+def train_sdxl_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
+    """The SDXL-architecture world, saved to `out/sdxl/pipeline`: the SD world's autoencoder and
+    tokenizer, two new random text encoders, and a `text_time` denoiser warm-started from the SD one."""
+    base = StableDiffusionPipeline.from_pretrained(_require_built(out / "pipeline"))
+    work = _work_folder(out / "sdxl" / "_work", recipe)
+    with _timed(timings, "text"):
+        torch.manual_seed(recipe.seed + 20)
+        encoder = random_text_encoder(recipe, base.tokenizer, recipe.sdxl_text_widths[0])
+        torch.manual_seed(recipe.seed + 21)
+        encoder_2 = random_text_encoder(recipe, base.tokenizer, recipe.sdxl_text_widths[1], CLIPTextModelWithProjection)
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    with _timed(timings, "unet"):
+        unet, losses = train_unet(
+            recipe,
+            base.vae,
+            sdxl_conditioning(base.tokenizer, (encoder, encoder_2), SDXL_TIME_IDS),
+            noise_scheduler,
+            np.random.default_rng([recipe.seed, 3]),
+            checkpoint=work / "unet_checkpoint.pt",
+            sdxl=True,
+            warm_start=base.unet.state_dict(),
+        )
+    pipe = StableDiffusionXLPipeline(
+        vae=base.vae,
+        text_encoder=encoder,
+        text_encoder_2=encoder_2,
+        tokenizer=base.tokenizer,
+        tokenizer_2=base.tokenizer,
+        unet=unet,
+        scheduler=base.scheduler,  # the same DDIM sampler as the SD world
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(out / "sdxl" / "pipeline", safe_serialization=True)
+    shutil.rmtree(work)
+    return {"unet_loss_last_200": float(np.mean(losses[-200:])), "warm_start": "pipeline/unet"}
+
+
+def _require_built(folder: Path) -> Path:
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} is missing: build the SD world first (`--model sd`)")
+    return folder
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def build(out: str | Path, recipe: Recipe | None = None, stages: str = "all") -> dict:
+def build_sdxl(out: Path, recipe: Recipe, stages: str = "all") -> dict:
+    """The SDXL-architecture world into `out/sdxl` (pipeline, `recipe.json`, `samples.png`); it needs the
+    SD world's assets in `out`. `stages`: "all" or "gate"."""
+    recipe_file = out / "sdxl" / "recipe.json"
+    report = json.loads(recipe_file.read_text()) if stages != "all" and recipe_file.exists() else {}
+    timings = report.setdefault("timings", {})
+    wall, cpu = time.perf_counter(), time.process_time()
+    if stages == "all":
+        report["recipe"] = asdict(recipe)
+        report["pipeline"] = train_sdxl_pipeline(out, recipe, timings)
+    elif stages == "classifiers":
+        raise ValueError("the SDXL world uses the SD world's classifiers: rebuild them with --model sd")
+    with _timed(timings, "quality_gate"):
+        report["quality_gate"] = quality_gate(out, recipe, world=out / "sdxl")
+    timings["total"] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+    report["torch_threads"] = torch.get_num_threads()
+    report["passed"] = report["quality_gate"]["passed"]
+    report["sizes_bytes"] = {"pipeline": _folder_bytes(out / "sdxl" / "pipeline")}
+    recipe_file.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def build(out: str | Path, recipe: Recipe | None = None, stages: str = "all", model: str = "sd") -> dict:
     """Build the assets into `out` and write `recipe.json`; return its content.
 
     `stages`: "all", "classifiers" (retrain the classifiers, then rerun the gate) or "gate"
     (rerun the quality gate on the saved assets); earlier results in `recipe.json` are kept.
+    `model`: "sd" (the SD v1 world) or "sdxl" (the SDXL-architecture world, `build_sdxl`).
     """
     recipe = recipe or Recipe()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if model == "sdxl":
+        return build_sdxl(out, recipe, stages)
+    if model != "sd":
+        raise ValueError(f"model must be 'sd' or 'sdxl', got {model!r}")
     recipe_file = out / "recipe.json"
     report = json.loads(recipe_file.read_text()) if stages != "all" and recipe_file.exists() else {}
     timings = report.setdefault("timings", {})
@@ -539,6 +690,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stages", choices=("all", "classifiers", "gate"), default="all", help="what to (re)build"
     )
+    parser.add_argument("--model", choices=("sd", "sdxl"), default="sd",
+                        help="which world: SD v1 (default) or the SDXL architecture (needs the SD world)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     for field, value in asdict(Recipe()).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -549,9 +702,9 @@ def main(argv: list[str] | None = None) -> None:
     overrides.update(
         {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__ and v is not None}
     )
-    report = build(args.out, Recipe(**overrides), stages=args.stages)
+    report = build(args.out, Recipe(**overrides), stages=args.stages, model=args.model)
     summary = ("timings", "classifier_held_out_accuracy", "quality_gate", "passed", "sizes_bytes")
-    print(json.dumps({k: report[k] for k in summary}, indent=2))
+    print(json.dumps({k: report[k] for k in summary if k in report}, indent=2))
 
 
 if __name__ == "__main__":

@@ -102,9 +102,12 @@ def demo_concepts(erased: Sequence[str], kept: Sequence[str], seeds: int, train:
     return result
 
 
-def train_demo_erasers(pipe: Any, out: Path, quick: bool, train: Sequence[int], progress: bool) -> list[Eraser]:
-    """The training part of the demo, in one place: each erased concept on its `train` phrasings."""
-    config = replace(DEMO_TRAINING, images_per_concept=4) if quick else DEMO_TRAINING
+def train_demo_erasers(pipe: Any, out: Path, quick: bool, train: Sequence[int], progress: bool,
+                       pooled_increment: bool = True) -> list[Eraser]:
+    """The training part of the demo, in one place: each erased concept on its `train` phrasings.
+    `pooled_increment=False`: `attn2` increments only, also on the SDXL world (to measure the pooled path)."""
+    config = replace(DEMO_TRAINING, pooled_increment=pooled_increment)
+    config = replace(config, images_per_concept=4) if quick else config
     concepts = [Concept(n, prompts=tuple(phrasings(n, train))) for n in ERASED]
     return train_erasers(pipe, concepts, mode="simultaneous", config=config, cache_dir=out / "reference",
                          progress=progress)
@@ -113,11 +116,14 @@ def train_demo_erasers(pipe: Any, out: Path, quick: bool, train: Sequence[int], 
 def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | None = None,
              progress: bool = True, threads: int | None = None, batch_size: int = BATCH_SIZE,
              train_templates: Sequence[int] = TRAIN_TEMPLATES, held_out_templates: Sequence[int] = HELD_OUT_TEMPLATES,
-             composition_templates: Sequence[int] = COMPOSITION_TEMPLATES) -> dict[str, Any]:
+             composition_templates: Sequence[int] = COMPOSITION_TEMPLATES, model: str = "sd",
+             pooled_increment: bool = True) -> dict[str, Any]:
     """Train, evaluate, and write `grid.png`, `results.md`, `results.json` and the erasers to `out`.
 
     `threads`: torch CPU threads (None: torch's default, one per core). `quick`: 4 seeds, one held-out
-    phrasing and one composition template per concept (a smoke run).
+    phrasing and one composition template per concept (a smoke run). `model`: the demo world, "sd" or
+    "sdxl" (the SDXL architecture; same renderer, concepts and classifiers). `pooled_increment=False`:
+    SDXL erasers without their pooled increment (`attn2` only), to measure what the pooled path carries.
     """
     started = time.monotonic()
     out = Path(out)
@@ -126,13 +132,13 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
     if threads:
         torch.set_num_threads(threads)
     try:
-        pipe = attach(load_pipeline())
+        pipe = attach(load_pipeline(model))
         pipe.set_progress_bar_config(disable=True)
         seeds = seeds or (4 if quick else 10)
         if quick:
             held_out_templates, composition_templates = held_out_templates[:1], composition_templates[:1]
 
-        erasers = train_demo_erasers(pipe, out, quick, train_templates, progress)
+        erasers = train_demo_erasers(pipe, out, quick, train_templates, progress, pooled_increment)
         trained_at = time.monotonic()
         for eraser in erasers:
             eraser.save(out / "erasers" / eraser_filename(eraser.name))
@@ -151,12 +157,12 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
         results["timing_seconds"] = {"training": round(trained_at - started, 1),
                                      "evaluation": results["generation"]["seconds"],
                                      "total": round(time.monotonic() - started, 1)}
-        results["settings"] = {"quick": quick, "seeds": seeds, "steps": STEPS, "guidance_scale": GUIDANCE,
+        results["settings"] = {"model": model, "pooled_increment": pooled_increment, "quick": quick, "seeds": seeds, "steps": STEPS, "guidance_scale": GUIDANCE,
                                "batch_size": batch_size, "threads": torch.get_num_threads(),
                                "train_templates": list(train_templates),
                                "held_out_templates": list(held_out_templates),
                                "composition_templates": list(composition_templates),
-                               "training": {k: v for k, v in vars(DEMO_TRAINING).items()}}
+                               "training": {**vars(DEMO_TRAINING), "pooled_increment": pooled_increment}}
         json_path, md_path = write_results(results, out)
         print(markdown_table(results))
         print(f"\nerasers: {out / 'erasers'}   grid: {grid}   tables: {md_path}, {json_path}")

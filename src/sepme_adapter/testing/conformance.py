@@ -35,12 +35,12 @@ import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from ..basis import null_space_basis
+from ..basis import null_space_basis, pooled_basis
 from ..eraser import Eraser
 from ..fingerprint import fingerprint
 from ..loader import SepMEWarning, attach
-from ..text import encode_prompts
-from ..unet import cross_attention_modules
+from ..text import encode_prompts_pooled
+from ..unet import POOLED_LAYER, cross_attention_modules, pooled_layer
 from .random_pipelines import tiny_pipeline
 
 STATES = ("idle", "active")
@@ -58,22 +58,32 @@ class ConformanceError(AssertionError):
 
 
 def random_eraser(pipe: Any, name: str, concepts: dict[str, str] = CONCEPTS, protected: Sequence[str] = ("watermark",),
-                  seed: int = 0, scale: float = 2000.0) -> Eraser:
+                  seed: int = 0, scale: float = 2000.0, pooled: bool = False) -> Eraser:
     """A separable eraser with random `w` on the pipeline's real null space (as training would make).
 
     The blank prompt, `protected` and every other concept of `concepts` are in its known set, so their
-    keys and values stay exact; `scale * beta` sets how strongly it changes its own concept.
+    keys and values stay exact; `scale * beta` sets how strongly it changes its own concept. `pooled`
+    (SDXL): also a random pooled increment on `add_embedding.linear_1`, on the pooled null space.
     """
     known = {n: p for n, p in concepts.items() if n != name}
-    basis = null_space_basis(list(encode_prompts(pipe, ["", *known.values(), *protected])))
+    texts, pooled_texts = encode_prompts_pooled(pipe, ["", *known.values(), *protected])
+    basis = null_space_basis(list(texts))
     generator = torch.Generator().manual_seed(seed)
     weights = {}
     for path, module in sorted(cross_attention_modules(pipe.unet).items()):
         for proj in ("to_k", "to_v"):
             d_out = getattr(module, proj).weight.shape[0]
             weights[f"{path}.{proj}"] = torch.randn(d_out, basis.shape[1], generator=generator) * scale
+    extra = None
+    if pooled:
+        layer = pooled_layer(pipe.unet)
+        if layer is None or pooled_texts is None:
+            raise ValueError("pooled=True needs an SDXL pipeline (a UNet with add_embedding)")
+        extra = pooled_basis([pooled_texts], layer.in_features)
+        weights[POOLED_LAYER] = torch.randn(layer.out_features, extra.shape[1], generator=generator) * scale
     return Eraser(name=name, prompt=concepts[name], basis=basis, weights=weights, beta=1e-4, known=known,
-                  protected=list(protected), metadata={"base_model": "tiny-random", "fingerprint": fingerprint(pipe)})
+                  protected=list(protected), metadata={"base_model": "tiny-random", "fingerprint": fingerprint(pipe)},
+                  pooled_basis=extra)
 
 
 def random_erasers(pipe: Any) -> list[Eraser]:

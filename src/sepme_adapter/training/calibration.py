@@ -10,7 +10,8 @@ with `c_i` all of the concept's prompt embeddings. The paper's fixed `lr = 1e-2`
 this rule's lr_l on SD v1.4 only by luck of scale; on the demo world the rule gives lr_l 3.5e-4 to 2e-3
 at beta 1 (3.5 to 20 in the paper's units, which is why 1e-2 learned nothing there). A rank-r layer
 (`w = B A`) uses `S_p A^T` and r for `S_p` and m; a dense G-CiRs increment (no basis) uses
-`lr_l = eta * rms(W_l)`.
+`lr_l = eta * rms(W_l)`. SDXL's pooled increment uses the same rule with the concept's pooled embeddings
+as `c` (one row per prompt, zeros on the time-id columns) and `S_pool`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from ..eraser import Eraser
 from ..errors import TrainingError
-from ..unet import layer_weight
+from ..unet import POOLED_LAYER, layer_weight
 from .config import TrainConfig
 
 MIN_REACH = 1e-6  # ||c S_p|| / ||c|| below this: the concept has nothing left in its basis
@@ -34,7 +35,8 @@ def layer_learning_rate(weight: torch.Tensor, eraser: Eraser, layer: str, embedd
     if not eraser.separable:
         return config.eta * float(weight.pow(2).mean().sqrt())
     text = embeddings.detach().double().cpu().reshape(-1, embeddings.shape[-1])
-    directions = eraser.basis.detach().double().cpu() if eraser.basis is not None else None
+    basis = eraser.basis_for(layer)
+    directions = basis.detach().double().cpu() if basis is not None else None
     if layer in eraser.down:  # rank r: the directions the layer's B acts on are S_p A^T
         down = eraser.down[layer].detach().double().cpu()
         directions = down.T if directions is None else directions @ down.T
@@ -47,17 +49,23 @@ def layer_learning_rate(weight: torch.Tensor, eraser: Eraser, layer: str, embedd
     return config.eta * float((text @ weight.T).norm()) / (config.beta * (d_out * columns) ** 0.5 * reach)
 
 
-def parameter_groups(unet: Any, eraser: Eraser, embeddings: torch.Tensor, config: TrainConfig
-                     ) -> list[dict[str, Any]]:
+def parameter_groups(unet: Any, eraser: Eraser, embeddings: torch.Tensor, config: TrainConfig,
+                     pooled: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Adam parameter groups, one per layer (`w` or `B`, and `A` for rank r), with that layer's lr.
 
     A fixed `config.lr` (dense: `config.gcirs_lr`) gives every layer the same rate, as in the paper.
+    `pooled`: the concept's pooled embeddings (SDXL), the `c` of the pooled layer.
     """
     fixed = config.lr if eraser.separable else config.gcirs_lr
     groups = []
     for layer, w in eraser.weights.items():
         params = [w, eraser.down[layer]] if layer in eraser.down else [w]
+        text = embeddings
+        if layer == POOLED_LAYER:  # the pooled embeddings as the layer's input rows, zero time-id columns
+            weight = layer_weight(unet, layer)
+            text = torch.zeros(len(pooled), weight.shape[1], dtype=torch.float64)
+            text[:, : pooled.shape[-1]] = pooled.double()
         lr = fixed if fixed is not None else layer_learning_rate(
-            layer_weight(unet, layer), eraser, layer, embeddings, config)
+            layer_weight(unet, layer), eraser, layer, text, config)
         groups.append({"params": params, "lr": lr})
     return groups

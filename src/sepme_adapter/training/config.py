@@ -57,6 +57,11 @@ class TrainConfig:
             the shared phrasing), and the stems take basis room (demo 53 -> 20 dims; the tiny test pipeline goes
             compact, certificate 5e-3). Off by default: the bases exclude only the blank, known, protected and
             other concepts' prompts.
+        pooled_increment: SDXL (a UNet with `add_embedding`): each eraser also gets the pooled increment,
+            `dW = beta * w S_pool^T` on the pooled-text columns of `add_embedding.linear_1`, with `S_pool` the
+            exact null space of the excluded prompts' pooled embeddings (one row per prompt), so the concept
+            cannot survive through the pooled path; known, protected and blank prompts stay exact there too.
+            Ignored on SD v1 / v2.
     """
 
     lr: float | None = None
@@ -81,6 +86,7 @@ class TrainConfig:
     concepts_per_pass: int = 0
     rank: int | None = None
     protect_templates: bool = False
+    pooled_increment: bool = True
 
     @classmethod
     def paper(cls, **overrides: Any) -> TrainConfig:

@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from ..basis import BasisChoice, choose_basis
+from ..basis import BasisChoice, choose_basis, pooled_basis
 from ..certificate import leakage_certificate
 from ..eraser import Eraser
-from ..errors import TrainingError
+from ..errors import EmptyNullSpaceError, TrainingError
 from ..processor import ErasureRuntime
 from ..text import encode_prompts_pooled, zeros_for_empty_prompt
-from ..unet import modified_layers
+from ..unet import POOLED_LAYER, modified_layers, pooled_layer
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
 from .concepts import Concept, prepare_concepts, template_stems
@@ -47,6 +47,8 @@ class PromptTexts:
     pooled: dict[str, torch.Tensor] | None = None
     unconditional: torch.Tensor | None = None
     unconditional_pooled: torch.Tensor | None = None
+    # SDXL: the pooled embeddings of the blank prompt and of every known and protected prompt (pooled bases)
+    excluded_pooled: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
@@ -61,13 +63,33 @@ class PromptTexts:
             start += len(concept.prompts)
         end = start + len(known_prompts)
         blank, blank_pooled = texts[:1], None if pooled is None else pooled[:1]
+        excluded_pooled = None if pooled is None else {
+            "blank": pooled[:1], "known": pooled[start:end], "protected": pooled[end:]}
         if zeros_for_empty_prompt(pipe):  # SDXL's unconditional branch is zeros (the blank prompt stays excluded)
             unconditional = torch.zeros_like(blank)
             blank_pooled = None if blank_pooled is None else torch.zeros_like(blank_pooled)
         else:
             unconditional = blank
         return cls(blank, by_concept, list(texts[start:end]), list(texts[end:]),
-                   None if pooled is None else pooled_by_concept, unconditional, blank_pooled)
+                   None if pooled is None else pooled_by_concept, unconditional, blank_pooled, excluded_pooled)
+
+    def pooled_basis(self, concept: Concept, others: list[Concept], width: int, rtol: float | None
+                     ) -> torch.Tensor | None:
+        """`S_pool` of the concept's pooled increment (`width` x m): the exact null space of the blank, other,
+        known and protected prompts' pooled embeddings, zero on the layer's time-id columns; None when there
+        are no pooled embeddings or the concept has nothing outside their span."""
+        if self.pooled is None or self.excluded_pooled is None:
+            return None
+        rows = [self.excluded_pooled["blank"], *(self.pooled[c.name] for c in others),
+                self.excluded_pooled["known"], self.excluded_pooled["protected"]]
+        try:
+            basis = pooled_basis(rows, width, rtol=rtol)
+        except EmptyNullSpaceError:
+            return None
+        concept = self.pooled[concept.name].double()
+        if float((concept @ basis[: concept.shape[-1]].double()).norm()) < 1e-6 * float(concept.norm()):
+            return None  # the concept's pooled embeddings lie in the excluded ones' span
+        return basis
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,7 @@ class Planned:
     dense: bool
     known: dict[str, list[str]]
     choice: BasisChoice | None
+    pooled_basis: torch.Tensor | None = None  # SDXL: S_pool of the pooled increment
 
     @property
     def basis(self) -> torch.Tensor | None:
@@ -86,9 +109,9 @@ class Planned:
 
 
 def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts, mode: str,
-               config: TrainConfig) -> list[Planned]:
+               config: TrainConfig, pooled_width: int | None = None) -> list[Planned]:
     """Each concept's basis `S_p` (Eq. 8, or compact); iterative mode's bases know only earlier concepts,
-    its first is dense."""
+    its first is dense. `pooled_width`: SDXL's `add_embedding.linear_1` input width, for the pooled bases."""
     plan = []
     for i, concept in enumerate(concepts):
         if mode == "gcirs" or (mode == "iterative" and i == 0):
@@ -99,7 +122,9 @@ def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts
         excluded = {c.name: list(c.prompts) for c in others} | {k.name: list(k.prompts) for k in known}
         choice = choose_basis(rows, max_leakage=config.max_leakage, rtol=config.rtol,
                               concept=texts.concepts[concept.name])
-        plan.append(Planned(i, concept, False, excluded, choice))
+        pooled = None if pooled_width is None or not config.pooled_increment else texts.pooled_basis(
+            concept, others, pooled_width, config.rtol)
+        plan.append(Planned(i, concept, False, excluded, choice, pooled))
     return plan
 
 
@@ -145,16 +170,23 @@ class TrainingRun:
         layers = modified_layers(self.pipe.unet, dense=dense)
         rank = None if dense or config.rank is None or config.rank >= columns else config.rank
         weights = zero_weights(self.pipe, layers, columns if rank is None else rank)
+        widths = dict.fromkeys(weights, columns)
+        if planned.pooled_basis is not None:
+            widths[POOLED_LAYER] = planned.pooled_basis.shape[1]
+            weights |= zero_weights(self.pipe, [POOLED_LAYER], widths[POOLED_LAYER] if rank is None
+                                    else min(rank, widths[POOLED_LAYER]))
         eraser = Eraser(
             name=planned.concept.name, prompt=planned.concept.prompt, prompts=list(planned.concept.prompts),
             basis=planned.basis, weights=weights,
             beta=1.0 if dense else config.beta,  # dense increments are the weights' change itself
             known=planned.known, protected=[] if dense else list(self.protected),
-            down={} if rank is None else random_down(weights, rank, columns, config.seed, planned.index),
+            down={} if rank is None else random_down(weights, widths, config.seed, planned.index),
+            pooled_basis=planned.pooled_basis,
         )
         self.runtime.add(planned.concept.name, eraser, trainable=True)
         source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
-        groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config)
+        pooled = None if self.texts.pooled is None else self.texts.pooled[source.name]
+        groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config, pooled)
         return ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
 
     def images(self, concept: Concept) -> tuple[torch.Tensor, ...]:
@@ -181,15 +213,17 @@ class TrainingRun:
             self.pipe.unload_sepme()
 
 
-def random_down(weights: dict[str, torch.Tensor], rank: int, columns: int, seed: int,
+def random_down(weights: dict[str, torch.Tensor], columns: dict[str, int], seed: int,
                 index: int) -> dict[str, torch.Tensor]:
-    """Rank-r erasers: a trainable `A` (r x m) per layer with random orthonormal rows, seeded by the concept's
-    index only (so separate and simultaneous modes start alike). With `B = 0` the increment starts at zero, and
-    `A S_p^T` has orthonormal rows: `B` learns like a full-rank `w` restricted to r directions of the basis."""
+    """Rank-r erasers: a trainable `A` (r x m, r = `w`'s columns) per layer with random orthonormal rows, seeded
+    by the concept's index only (so separate and simultaneous modes start alike). With `B = 0` the increment
+    starts at zero, and `A S_p^T` has orthonormal rows: `B` learns like a full-rank `w` restricted to r
+    directions of the basis. `columns`: m per layer (the pooled layer's basis has its own)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (index + 1))
     down = {}
     for layer, w in weights.items():
-        q, _ = torch.linalg.qr(torch.randn(columns, rank, generator=generator, dtype=torch.float64))
+        rank = w.shape[1]
+        q, _ = torch.linalg.qr(torch.randn(columns[layer], rank, generator=generator, dtype=torch.float64))
         down[layer] = torch.nn.Parameter(q.T.to(device=w.device, dtype=w.dtype).contiguous())
     return down
 
@@ -257,6 +291,8 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
     eraser.metadata["stats"]["dtheta_p"] = eraser.dtheta_p()
     if choice is not None:
         eraser.metadata["basis"] = choice.describe()
+        if eraser.pooled_basis is not None:
+            eraser.metadata["basis"]["pooled_dimensions"] = int(eraser.pooled_basis.shape[1])
         eraser.metadata["certificate"] = leakage_certificate(run.pipe, eraser)
     return eraser
 
@@ -343,7 +379,8 @@ def train_erasers(
     pipe, runtime = training_runtime(pipe, [c.name for c in concepts])
     # Everything that can fail on bad input happens before any image is generated.
     texts = PromptTexts.encode(pipe, concepts, known, protected)
-    plan = plan_bases(concepts, known, texts, mode, config)
+    pooled = pooled_layer(pipe.unet)
+    plan = plan_bases(concepts, known, texts, mode, config, None if pooled is None else pooled.in_features)
     base = base_model_metadata(pipe, runtime)
     latents, pairing = reference_pairs(pipe, [concepts[i] for i in selected], config, reference_images, cache_dir,
                                        progress)
