@@ -4,7 +4,8 @@ in its weights) exactly as plain diffusers does (issue 16)."""
 
 import pytest
 
-from sepme_adapter.testing.conformance import FEATURES, STATES, check_feature
+from sepme_adapter.testing import tiny_sdxl_pipeline
+from sepme_adapter.testing.conformance import CONCEPTS, FEATURES, STATES, Setup, check_feature, random_eraser
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -17,3 +18,15 @@ SLOW = {"torch_compile"}  # dynamo traces the UNet once per erased set: about 15
 )
 def test_a_diffusers_feature_behaves_as_in_plain_diffusers(feature, state, tmp_path):
     check_feature(feature, state, workdir=tmp_path)
+
+
+SDXL = Setup(make_pipeline=tiny_sdxl_pipeline,
+             make_erasers=lambda pipe: [random_eraser(pipe, name, seed=i, pooled=True) for i, name in enumerate(CONCEPTS)])
+
+
+@pytest.mark.parametrize("state", STATES)
+@pytest.mark.parametrize(
+    "feature", [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FEATURES]
+)
+def test_a_diffusers_feature_behaves_as_in_plain_diffusers_on_sdxl_with_pooled_increments(feature, state, tmp_path):
+    check_feature(feature, state, SDXL, workdir=tmp_path)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, DiffusionPipeline
 from safetensors.torch import save_file
 
 from ..basis import null_space_basis, pooled_basis
@@ -151,8 +151,11 @@ def plain_generation(pipe: Any, run: Run) -> list[np.ndarray]:
 
 def prompt_embeds(pipe: Any, run: Run) -> list[np.ndarray]:
     """`prompt_embeds` / `negative_prompt_embeds` instead of a prompt: the same images as the prompt."""
-    positive, negative = pipe.encode_prompt(run.setup.prompt, "cpu", 1, True, "")
-    by_embeds = run.generate(pipe, prompt=None, prompt_embeds=positive, negative_prompt_embeds=negative)
+    encoded = pipe.encode_prompt(prompt=run.setup.prompt, device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=True, negative_prompt=None)
+    embeds = dict(zip(("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                       "negative_pooled_prompt_embeds"), encoded))  # SDXL: also the pooled embeddings
+    by_embeds = run.generate(pipe, prompt=None, **embeds)
     return [by_embeds, run.generate(pipe)]
 
 
@@ -251,7 +254,7 @@ def ip_adapter(pipe: Any, run: Run) -> list[np.ndarray]:
 
 def from_pipe(pipe: Any, run: Run) -> list[np.ndarray]:
     """An Img2Img pipeline made with `from_pipe` shares the UNet, and so the erasure."""
-    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)  # SD: StableDiffusionImg2ImgPipeline; SDXL: its XL one
     img2img.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
     output = run.generate(img2img, image=image, strength=0.9)
@@ -275,10 +278,10 @@ def save_and_load(pipe: Any, run: Run) -> list[np.ndarray]:
             run.expect(not said, f"save_pretrained with nothing erased warned: {said}")
     if run.subject and run.state == "active":
         # what was saved is the base model: loading the erasers onto it gives the erasure back
-        loaded = StableDiffusionPipeline.from_pretrained(folder)
+        loaded = DiffusionPipeline.from_pretrained(folder)  # the class model_index.json names (SD or SDXL)
         loaded = run.prepare(loaded)
     else:
-        loaded = StableDiffusionPipeline.from_pretrained(folder)
+        loaded = DiffusionPipeline.from_pretrained(folder)
         loaded.set_progress_bar_config(disable=True)
     return [run.generate(loaded)]
 
