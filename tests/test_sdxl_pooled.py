@@ -34,10 +34,11 @@ def pooled_erasers(pipe):
     return {name: random_eraser(pipe, name, CONCEPTS, PROTECTED, seed=i, pooled=True) for i, name in enumerate(CONCEPTS)}
 
 
-def added_embedding(pipe, prompts):
-    """`add_embedding`'s output (what the pooled path adds to the time embedding) for each prompt."""
+def added_embedding(pipe, prompts, zeros=False):
+    """`add_embedding`'s output (what the pooled path adds to the time embedding) for each prompt (`zeros`: for
+    zero pooled embeddings, SDXL's unconditional branch)."""
     _, pooled = encode_prompts_pooled(pipe, prompts)
-    conditions = added_cond_kwargs(pipe, pooled)["added_cond_kwargs"]
+    conditions = added_cond_kwargs(pipe, pooled * 0 if zeros else pooled)["added_cond_kwargs"]
     unet = pipe.unet
     with torch.no_grad():
         time_embeds = unet.add_time_proj(conditions["time_ids"].flatten()).reshape(len(prompts), -1)
@@ -138,7 +139,7 @@ def _train(pipe, **config):
 
 
 @pytest.mark.parametrize("rank", [None, 2], ids=["full-rank", "rank-2"])
-def test_training_gives_every_sdxl_eraser_an_exact_pooled_increment(tmp_path, rank):
+def test_training_gives_every_sdxl_eraser_a_solved_exact_pooled_increment(tmp_path, rank):
     pipe = sepme_adapter.attach(tiny_sdxl_pipeline())
     erasers = _train(pipe, rank=rank)
     kept = ["", *PROTECTED, CONCEPTS["picasso"]]
@@ -147,11 +148,14 @@ def test_training_gives_every_sdxl_eraser_an_exact_pooled_increment(tmp_path, ra
         assert eraser.has_pooled and eraser.certificate <= 1e-5
         assert eraser.metadata["certificate"]["prompts"] == 3  # blank, watermark, the other concept
         assert eraser.metadata["basis"]["pooled_dimensions"] == eraser.pooled_basis.shape[1]
-        assert eraser.weights[POOLED_LAYER].abs().max() > 0  # it learned something
+        assert eraser.weights[POOLED_LAYER].abs().max() > 0
         pipe.load_sepme(sepme_adapter.Eraser.load(eraser.save(tmp_path / f"{eraser.name}.safetensors")), erase=False)
     pipe.set_erased(["vangogh"])
     after = added_embedding(pipe, [*kept, CONCEPTS["vangogh"]])
     scale = before.abs().max()
     assert (after[:3] - before[:3]).abs().max() <= 1e-5 * scale and (after[3] - before[3]).abs().max() > 1e-4 * scale
+    # the solved pooled increment: the erased concept's prompt gets the unconditional branch's pooled-path output
+    unconditional = added_embedding(pipe, [CONCEPTS["vangogh"]], zeros=True)
+    assert (after[3] - unconditional[0]).abs().max() <= 1e-3 * (before[3] - unconditional[0]).abs().max()
     pipe.unload_sepme()
     assert not _train(pipe, max_iterations=2, pooled_increment=False)[0].has_pooled

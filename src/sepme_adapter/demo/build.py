@@ -22,8 +22,9 @@ autoencoder and classifiers (which it needs): two frozen random CLIP text encode
 `CLIPTextModel` and a `CLIPTextModelWithProjection`, whose penultimate hidden states side by side
 are the 96-wide prompt embedding, as SDXL's 768 + 1280), a denoiser with
 `addition_embed_type="text_time"` (the pooled embedding and six time ids through `add_embedding`),
-trained with caption dropout to zero embeddings (SDXL's `force_zeros_for_empty_prompt`) and
-warm-started from the SD world's denoiser (every weight of equal name and shape), then its own
+trained with caption dropout to zero embeddings (SDXL's `force_zeros_for_empty_prompt`) (and, with
+`--sdxl-token-dropout p`, per-token embeddings zeroed with the pooled one kept: a stress-test world
+whose pooled path alone carries concepts), warm-started from the SD world's denoiser (every weight of equal name and shape), then its own
 quality gate.
 """
 
@@ -111,6 +112,10 @@ class Recipe:
     sdxl_time_embed_dim: int = 8
     sdxl_unet_steps: int = 1500
     sdxl_unet_lr: float = 1e-3
+    # share of training captions whose per-token embeddings are zeroed while their pooled embedding is kept,
+    # so the denoiser learns to draw a concept from the pooled path alone: the stress-test build of
+    # `benchmarks/pooled_path.py` (0.3). The shipped world uses 0: its denoiser then ignores the pooled path
+    sdxl_token_dropout: float = 0.0
 
 
 QUICK = {
@@ -182,30 +187,34 @@ def encode_captions(
     return text_encoder(ids).last_hidden_state
 
 
-Conditioning = Callable[[list[str]], tuple[torch.Tensor, dict | None]]
-"""Captions -> (prompt embeddings, the UNet's `added_cond_kwargs` or None)."""
+Conditioning = Callable[[list[str], np.random.Generator], tuple[torch.Tensor, dict | None]]
+"""(captions, the build's random stream) -> (prompt embeddings, the UNet's `added_cond_kwargs` or None)."""
 
 
 def sd_conditioning(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> Conditioning:
     """SD v1: the encoder's last hidden state; a dropped caption is the blank prompt."""
-    return lambda captions: (encode_captions(tokenizer, text_encoder, captions), None)
+    return lambda captions, rng: (encode_captions(tokenizer, text_encoder, captions), None)
 
 
 def sdxl_conditioning(tokenizer: CLIPTokenizer, encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
-                      time_ids: list[int]) -> Conditioning:
+                      time_ids: list[int], token_dropout: float = 0.0) -> Conditioning:
     """SDXL, as `StableDiffusionXLPipeline.encode_prompt` computes it: both encoders' penultimate hidden
     states side by side, the second's projected pooled output, the size / crop time ids; a dropped
-    (blank) caption becomes zeros, the unconditional branch under `force_zeros_for_empty_prompt`."""
+    (blank) caption becomes zeros, the unconditional branch under `force_zeros_for_empty_prompt`.
+    `token_dropout`: the share of other captions whose per-token embeddings are zeroed, pooled kept."""
 
     @torch.no_grad()
-    def condition(captions: list[str]) -> tuple[torch.Tensor, dict]:
+    def condition(captions: list[str], rng: np.random.Generator) -> tuple[torch.Tensor, dict]:
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids
         outputs = [encoder(ids, output_hidden_states=True) for encoder in encoders]
         context = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1)
         pooled = outputs[1].text_embeds
         keep = torch.tensor([c != "" for c in captions], dtype=context.dtype)
-        context, pooled = context * keep[:, None, None], pooled * keep[:, None]
+        tokens = keep
+        if token_dropout > 0:  # (no draw at 0: the random stream, and so the build, stay as without it)
+            tokens = keep * torch.from_numpy(rng.random(len(captions)) >= token_dropout).to(context.dtype)
+        context, pooled = context * tokens[:, None, None], pooled * keep[:, None]
         return context, {"text_embeds": pooled, "time_ids": torch.tensor([time_ids] * len(captions)).float()}
 
     return condition
@@ -339,7 +348,7 @@ def train_unet(
         batch = sample_caption_batch(recipe.unet_batch, rng, recipe.caption_dropout)
         with torch.no_grad():
             latents = vae.encode(_to_model(batch.images)).latent_dist.mean * vae.config.scaling_factor
-            context, added = condition(batch.captions)
+            context, added = condition(batch.captions, rng)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(
             0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
@@ -584,7 +593,7 @@ def train_sdxl_pipeline(out: Path, recipe: Recipe, timings: dict) -> dict:
         unet, losses = train_unet(
             recipe,
             base.vae,
-            sdxl_conditioning(base.tokenizer, (encoder, encoder_2), SDXL_TIME_IDS),
+            sdxl_conditioning(base.tokenizer, (encoder, encoder_2), SDXL_TIME_IDS, recipe.sdxl_token_dropout),
             noise_scheduler,
             np.random.default_rng([recipe.seed, 3]),
             checkpoint=work / "unet_checkpoint.pt",

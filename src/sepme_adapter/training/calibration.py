@@ -10,8 +10,7 @@ with `c_i` all of the concept's prompt embeddings. The paper's fixed `lr = 1e-2`
 this rule's lr_l on SD v1.4 only by luck of scale; on the demo world the rule gives lr_l 3.5e-4 to 2e-3
 at beta 1 (3.5 to 20 in the paper's units, which is why 1e-2 learned nothing there). A rank-r layer
 (`w = B A`) uses `S_p A^T` and r for `S_p` and m; a dense G-CiRs increment (no basis) uses
-`lr_l = eta * rms(W_l)`. SDXL's pooled increment uses the same rule with the concept's pooled embeddings
-as `c` (one row per prompt, zeros on the time-id columns) and `S_pool`.
+`lr_l = eta * rms(W_l)`. SDXL's pooled increment is not trained (`training/pooled.py` solves it) and gets no group.
 """
 
 from __future__ import annotations
@@ -49,23 +48,19 @@ def layer_learning_rate(weight: torch.Tensor, eraser: Eraser, layer: str, embedd
     return config.eta * float((text @ weight.T).norm()) / (config.beta * (d_out * columns) ** 0.5 * reach)
 
 
-def parameter_groups(unet: Any, eraser: Eraser, embeddings: torch.Tensor, config: TrainConfig,
-                     pooled: torch.Tensor | None = None) -> list[dict[str, Any]]:
-    """Adam parameter groups, one per layer (`w` or `B`, and `A` for rank r), with that layer's lr.
+def parameter_groups(unet: Any, eraser: Eraser, embeddings: torch.Tensor, config: TrainConfig
+                     ) -> list[dict[str, Any]]:
+    """Adam parameter groups, one per trained layer (`w` or `B`, and `A` for rank r), with that layer's lr.
 
     A fixed `config.lr` (dense: `config.gcirs_lr`) gives every layer the same rate, as in the paper.
-    `pooled`: the concept's pooled embeddings (SDXL), the `c` of the pooled layer.
     """
     fixed = config.lr if eraser.separable else config.gcirs_lr
     groups = []
     for layer, w in eraser.weights.items():
+        if layer == POOLED_LAYER:
+            continue  # solved in closed form (training/pooled.py), fixed
         params = [w, eraser.down[layer]] if layer in eraser.down else [w]
-        text = embeddings
-        if layer == POOLED_LAYER:  # the pooled embeddings as the layer's input rows, zero time-id columns
-            weight = layer_weight(unet, layer)
-            text = torch.zeros(len(pooled), weight.shape[1], dtype=torch.float64)
-            text[:, : pooled.shape[-1]] = pooled.double()
         lr = fixed if fixed is not None else layer_learning_rate(
-            layer_weight(unet, layer), eraser, layer, text, config)
+            layer_weight(unet, layer), eraser, layer, embeddings, config)
         groups.append({"params": params, "lr": lr})
     return groups

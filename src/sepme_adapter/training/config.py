@@ -59,8 +59,9 @@ class TrainConfig:
             other concepts' prompts.
         pooled_increment: SDXL (a UNet with `add_embedding`): each eraser also gets the pooled increment,
             `dW = beta * w S_pool^T` on the pooled-text columns of `add_embedding.linear_1`, with `S_pool` the
-            exact null space of the excluded prompts' pooled embeddings (one row per prompt), so the concept
-            cannot survive through the pooled path; known, protected and blank prompts stay exact there too.
+            exact null space of the excluded prompts' pooled embeddings (one row per prompt), `w` solved so the
+            concept's prompts give the unconditional branch's pooled-path output (`training/pooled.py`) and
+            fixed while the `attn2` increments train; known, protected and blank prompts stay exact there too.
             Ignored on SD v1 / v2.
     """
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..eraser import Eraser
+from ..unet import POOLED_LAYER
 from .concepts import Concept
 from .config import TrainConfig
 from .objective import MomentumStop
@@ -30,11 +31,14 @@ class ConceptTrack:
     stopped_early: bool = False
     seconds: float = 0.0
     pooled: torch.Tensor | None = None  # SDXL: the pooled embedding paired with each reference latent
+    pooled_solution: torch.Tensor | None = None  # SDXL: the pooled increment's solved `w`, set when training ends
 
     @property
     def parameters(self) -> list[torch.Tensor]:
-        """The `w`s (rank r: `B`s, then the `A`s), in the optimiser's order."""
-        return [*self.eraser.weights.values(), *self.eraser.down.values()]
+        """The trained `w`s (rank r: `B`s, then the `A`s), in the optimiser's order; SDXL's pooled increment is
+        solved, not trained (`training/pooled.py`)."""
+        trained = [w for layer, w in self.eraser.weights.items() if layer != POOLED_LAYER]
+        return [*trained, *(a for layer, a in self.eraser.down.items() if layer != POOLED_LAYER)]
 
     @classmethod
     def start(cls, concept: Concept, eraser: Eraser, groups: list[dict], index: int, config: TrainConfig,

@@ -23,13 +23,14 @@ from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
 from ..processor import ErasureRuntime
 from ..text import encode_prompts_pooled, zeros_for_empty_prompt
-from ..unet import POOLED_LAYER, modified_layers, pooled_layer
+from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
 from .concepts import Concept, prepare_concepts, template_stems
 from .config import MODES, TrainConfig
 from .harness import base_model_metadata, frozen_model, training_runtime, zero_weights
 from .loop import optimise
+from .pooled import pooled_increment
 from .reference import reference_latents
 from .track import ConceptTrack
 
@@ -170,24 +171,31 @@ class TrainingRun:
         layers = modified_layers(self.pipe.unet, dense=dense)
         rank = None if dense or config.rank is None or config.rank >= columns else config.rank
         weights = zero_weights(self.pipe, layers, columns if rank is None else rank)
-        widths = dict.fromkeys(weights, columns)
-        if planned.pooled_basis is not None:
-            widths[POOLED_LAYER] = planned.pooled_basis.shape[1]
-            weights |= zero_weights(self.pipe, [POOLED_LAYER], widths[POOLED_LAYER] if rank is None
-                                    else min(rank, widths[POOLED_LAYER]))
+        down = {} if rank is None else random_down(weights, dict.fromkeys(weights, columns), config.seed,
+                                                   planned.index)
+        solved = None
+        if planned.pooled_basis is not None:  # SDXL: solved in closed form, set once the attn2 increments are trained
+            like = next(iter(weights.values()))
+            w, a = pooled_increment(layer_weight(self.pipe.unet, POOLED_LAYER), planned.pooled_basis,
+                                    self.texts.pooled[planned.concept.name], self.texts.unconditional_pooled,
+                                    config.beta, rank)
+            solved = w.to(device=like.device, dtype=like.dtype)
+            weights[POOLED_LAYER] = torch.zeros_like(solved)
+            if a is not None:
+                down[POOLED_LAYER] = a.to(device=like.device, dtype=like.dtype)
         eraser = Eraser(
             name=planned.concept.name, prompt=planned.concept.prompt, prompts=list(planned.concept.prompts),
             basis=planned.basis, weights=weights,
             beta=1.0 if dense else config.beta,  # dense increments are the weights' change itself
             known=planned.known, protected=[] if dense else list(self.protected),
-            down={} if rank is None else random_down(weights, widths, config.seed, planned.index),
-            pooled_basis=planned.pooled_basis,
+            down=down, pooled_basis=planned.pooled_basis,
         )
         self.runtime.add(planned.concept.name, eraser, trainable=True)
         source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
-        pooled = None if self.texts.pooled is None else self.texts.pooled[source.name]
-        groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config, pooled)
-        return ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
+        groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config)
+        track = ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
+        track.pooled_solution = solved
+        return track
 
     def images(self, concept: Concept) -> tuple[torch.Tensor, ...]:
         """The concept's reference latents and, for each, the embedding of the prompt it pairs with (SDXL: and
@@ -218,7 +226,7 @@ def random_down(weights: dict[str, torch.Tensor], columns: dict[str, int], seed:
     """Rank-r erasers: a trainable `A` (r x m, r = `w`'s columns) per layer with random orthonormal rows, seeded
     by the concept's index only (so separate and simultaneous modes start alike). With `B = 0` the increment
     starts at zero, and `A S_p^T` has orthonormal rows: `B` learns like a full-rank `w` restricted to r
-    directions of the basis. `columns`: m per layer (the pooled layer's basis has its own)."""
+    directions of the basis. `columns`: m per layer."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (index + 1))
     down = {}
     for layer, w in weights.items():
@@ -269,6 +277,8 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
     eraser = track.eraser
     eraser.weights = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.weights.items()}
     eraser.down = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.down.items()}
+    if track.pooled_solution is not None:  # the pooled increment, solved (training/pooled.py)
+        eraser.weights[POOLED_LAYER] = track.pooled_solution.detach().clone()
     concepts = [p for c in run.concepts for p in c.prompts] if run.shared_dense else list(track.concept.prompts)
     eraser.metadata = {
         **base,
