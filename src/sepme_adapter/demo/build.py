@@ -626,15 +626,22 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
+def _start_report(recipe_file: Path, recipe: Recipe, stages: str) -> tuple[dict, dict]:
+    """The report to fill and its timings: fresh with the recipe for a full build, else the saved one."""
+    if stages == "all":
+        report: dict = {"recipe": asdict(recipe)}
+    else:
+        report = json.loads(recipe_file.read_text()) if recipe_file.exists() else {}
+    return report, report.setdefault("timings", {})
+
+
 def build_sdxl(out: Path, recipe: Recipe, stages: str = "all") -> dict:
     """The SDXL-architecture world into `out/sdxl` (pipeline, `recipe.json`, `samples.png`); it needs the
     SD world's assets in `out`. `stages`: "all" or "gate"."""
     recipe_file = out / "sdxl" / "recipe.json"
-    report = json.loads(recipe_file.read_text()) if stages != "all" and recipe_file.exists() else {}
-    timings = report.setdefault("timings", {})
+    report, timings = _start_report(recipe_file, recipe, stages)
     wall, cpu = time.perf_counter(), time.process_time()
     if stages == "all":
-        report["recipe"] = asdict(recipe)
         report["pipeline"] = train_sdxl_pipeline(out, recipe, timings)
     elif stages == "classifiers":
         raise ValueError("the SDXL world uses the SD world's classifiers: rebuild them with --model sd")
@@ -663,11 +670,9 @@ def build(out: str | Path, recipe: Recipe | None = None, stages: str = "all", mo
     if model != "sd":
         raise ValueError(f"model must be 'sd' or 'sdxl', got {model!r}")
     recipe_file = out / "recipe.json"
-    report = json.loads(recipe_file.read_text()) if stages != "all" and recipe_file.exists() else {}
-    timings = report.setdefault("timings", {})
+    report, timings = _start_report(recipe_file, recipe, stages)
     wall, cpu = time.perf_counter(), time.process_time()
     if stages == "all":
-        report["recipe"] = asdict(recipe)
         report["pipeline"] = train_pipeline(out, recipe, timings)
     else:
         report.setdefault("recipe", {}).update(
