@@ -233,6 +233,8 @@ class Eraser:
                 fail(f"a pooled basis without a pooled increment ({POOLED_LAYER}.w)")
             return
         w = self.weights[POOLED_LAYER]
+        if w.ndim != 2:
+            fail(f"{POOLED_LAYER}: w must be 2-D, got shape {tuple(w.shape)}")
         if not self.separable:
             fail(f"{POOLED_LAYER}: only separable erasers carry a pooled increment")
         if self.pooled_basis is None and POOLED_LAYER not in self.down:
@@ -243,7 +245,7 @@ class Eraser:
             self._check_tensor(basis, POOLED_BASIS_KEY, fail)
             if basis.ndim != 2 or not 1 <= basis.shape[1] <= basis.shape[0]:
                 fail(f"pooled_basis must be d_in x m with 1 <= m <= d_in, got shape {tuple(basis.shape)}")
-            if w.ndim == 2 and POOLED_LAYER not in self.down and w.shape[1] != basis.shape[1]:
+            if POOLED_LAYER not in self.down and w.shape[1] != basis.shape[1]:
                 fail(f"{POOLED_LAYER}: w has {w.shape[1]} columns but pooled_basis has {basis.shape[1]}")
 
     def _validate_down(self, fail) -> None:
