@@ -1,6 +1,7 @@
 """Erase two concepts from a Stable Diffusion model, then restore one of them.
 
     python examples/erase_and_restore.py                       # the built-in demo world
+    python examples/erase_and_restore.py --world sdxl          # its SDXL-architecture twin (pooled increments too)
     python examples/erase_and_restore.py --model runwayml/stable-diffusion-v1-5 \\
         --concept "vangogh=a painting by van gogh" --concept "picasso=a painting by picasso"
 """
@@ -14,11 +15,12 @@ from sepme_adapter.training import TrainConfig, train_erasers
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default=None, help="diffusers folder or Hub id (default: the demo world)")
+parser.add_argument("--world", choices=demo.MODELS, default="sd", help="which demo world, without --model")
 parser.add_argument("--concept", action="append", default=None)
 parser.add_argument("--iterations", type=int, default=400, help="at most this many (the default stop usually ends sooner)")
 args = parser.parse_args()
 
-pipe = load_pipeline(args.model or demo.pipeline_path())
+pipe = load_pipeline(args.model or demo.pipeline_path(args.world))
 concepts = args.concept or [f"{n}={demo.CONCEPTS[n].prompt}" for n in ("orvan", "pimsa")]
 config = TrainConfig(max_iterations=args.iterations, images_per_concept=4, reference_steps=20)
 erasers = train_erasers(pipe, concepts, config=config)  # simultaneous mode: each knows the other
