@@ -34,8 +34,7 @@ def layer_learning_rate(weight: torch.Tensor, eraser: Eraser, layer: str, embedd
     if not eraser.separable:
         return config.eta * float(weight.pow(2).mean().sqrt())
     text = embeddings.detach().double().cpu().reshape(-1, embeddings.shape[-1])
-    basis = eraser.basis_for(layer)
-    directions = basis.detach().double().cpu() if basis is not None else None
+    directions = eraser.basis.detach().double().cpu() if eraser.basis is not None else None
     if layer in eraser.down:  # rank r: the directions the layer's B acts on are S_p A^T
         down = eraser.down[layer].detach().double().cpu()
         directions = down.T if directions is None else directions @ down.T

@@ -171,8 +171,7 @@ class TrainingRun:
         layers = modified_layers(self.pipe.unet, dense=dense)
         rank = None if dense or config.rank is None or config.rank >= columns else config.rank
         weights = zero_weights(self.pipe, layers, columns if rank is None else rank)
-        down = {} if rank is None else random_down(weights, dict.fromkeys(weights, columns), config.seed,
-                                                   planned.index)
+        down = {} if rank is None else random_down(weights, rank, columns, config.seed, planned.index)
         solved = None
         if planned.pooled_basis is not None:  # SDXL: solved in closed form, set once the attn2 increments are trained
             like = next(iter(weights.values()))
@@ -221,17 +220,15 @@ class TrainingRun:
             self.pipe.unload_sepme()
 
 
-def random_down(weights: dict[str, torch.Tensor], columns: dict[str, int], seed: int,
+def random_down(weights: dict[str, torch.Tensor], rank: int, columns: int, seed: int,
                 index: int) -> dict[str, torch.Tensor]:
-    """Rank-r erasers: a trainable `A` (r x m, r = `w`'s columns) per layer with random orthonormal rows, seeded
-    by the concept's index only (so separate and simultaneous modes start alike). With `B = 0` the increment
-    starts at zero, and `A S_p^T` has orthonormal rows: `B` learns like a full-rank `w` restricted to r
-    directions of the basis. `columns`: m per layer."""
+    """Rank-r erasers: a trainable `A` (r x m) per layer with random orthonormal rows, seeded by the concept's
+    index only (so separate and simultaneous modes start alike). With `B = 0` the increment starts at zero, and
+    `A S_p^T` has orthonormal rows: `B` learns like a full-rank `w` restricted to r directions of the basis."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (index + 1))
     down = {}
     for layer, w in weights.items():
-        rank = w.shape[1]
-        q, _ = torch.linalg.qr(torch.randn(columns[layer], rank, generator=generator, dtype=torch.float64))
+        q, _ = torch.linalg.qr(torch.randn(columns, rank, generator=generator, dtype=torch.float64))
         down[layer] = torch.nn.Parameter(q.T.to(device=w.device, dtype=w.dtype).contiguous())
     return down
 
