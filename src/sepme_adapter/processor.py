@@ -377,11 +377,12 @@ class ErasureRuntime:
 
     def basis(self, name: str, like: torch.Tensor, layer_path: str | None = None) -> torch.Tensor:
         """The eraser's `S_p` (or, for the pooled layer, `S_pool`) in the activations' dtype and device (cached)."""
+        pooled = layer_path == POOLED_LAYER
         eraser = self.erasers[name]
-        basis = eraser.basis_for(layer_path) if layer_path is not None else eraser.basis
+        basis = eraser.pooled_basis if pooled else eraser.basis
         if _compiling():
             return basis.detach().to(device=like.device, dtype=like.dtype)
-        key = (name, "pooled_basis" if basis is not eraser.basis else "basis", like.device, like.dtype)
+        key = (name, "pooled_basis" if pooled else "basis", like.device, like.dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
             cached = basis.detach().to(device=like.device, dtype=like.dtype)
