@@ -65,6 +65,7 @@ from .world import (
     PLAIN,
     STYLES,
     VOCABULARY,
+    CaptionBatch,
     render_array,
     sample_caption_batch,
     to_tensor,
@@ -303,6 +304,7 @@ def train_unet(
     checkpoint: Path | None = None,
     sdxl: bool = False,
     warm_start: dict[str, torch.Tensor] | None = None,
+    sample_batch: Callable[[int, np.random.Generator, float], CaptionBatch] = sample_caption_batch,
 ) -> tuple[UNet2DConditionModel, list[float]]:
     """Train with the DDPM epsilon loss on fresh renders; return the EMA weights and the loss curve.
 
@@ -310,7 +312,8 @@ def train_unet(
     `sdxl_unet_steps` at `sdxl_unet_lr`), starting from every tensor of `warm_start` whose name and
     shape it shares. With `checkpoint`, the whole training state (weights, optimiser, random streams)
     is saved there every `recipe.checkpoint_every` steps and training resumes from it, with the same
-    result as an uninterrupted run.
+    result as an uninterrupted run. `sample_batch(batch_size, rng, caption_dropout)` draws the training
+    images and captions (default: the demo world's `sample_caption_batch`; other worlds pass their own).
     """
     unet = make_unet(recipe, sdxl)
     if warm_start is not None:
@@ -345,7 +348,7 @@ def train_unet(
         print(f"[build] unet: resuming at step {first}", flush=True)
     progress = tqdm(range(first, total), desc="unet", initial=first, total=total)
     for step in progress:
-        batch = sample_caption_batch(recipe.unet_batch, rng, recipe.caption_dropout)
+        batch = sample_batch(recipe.unet_batch, rng, recipe.caption_dropout)
         with torch.no_grad():
             latents = vae.encode(_to_model(batch.images)).latent_dist.mean * vae.config.scaling_factor
             context, added = condition(batch.captions, rng)

@@ -130,14 +130,22 @@ def train_classifier(
     width: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    labels: Sequence[str] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> ConceptClassifier:
-    """Train the classifier of `family` on batches from `sample`, augmented by `_augment`."""
-    labels = LABELS[family]
+    """Train the classifier of `family` on batches from `sample`, augmented by `_augment`.
+
+    `labels`: the classes (default: the demo world's `LABELS[family]`); `init`: a state dict whose tensors
+    of equal name and shape start the model (e.g. another world's classifier features)."""
+    labels = LABELS[family] if labels is None else tuple(labels)
     index = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     model = ConceptCNN(len(labels), width)
+    if init is not None:
+        own = model.state_dict()
+        model.load_state_dict({k: v for k, v in init.items() if k in own and own[k].shape == v.shape}, strict=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     model.train()
