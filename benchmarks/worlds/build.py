@@ -1,0 +1,166 @@
+"""Build one world of the zoo from its seed: tokenizer, frozen random text encoder, the demo world's
+autoencoder, a denoiser warm-started from the demo world's, classifiers and the quality gate.
+
+    python -m benchmarks.worlds build --seed N [--out DIR] [--quick]
+
+The stages reuse `sepme_adapter.demo.build` (text encoder, training loop with EMA and caption dropout) and
+`sepme_adapter.demo.classifier`; only the renderer, vocabulary and captions are the world's own
+(`spec.py`). CPU time of every stage goes to the world's `recipe.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
+
+from sepme_adapter.demo import ASSETS as DEMO_ASSETS
+from sepme_adapter.demo.build import Recipe, _timed, random_text_encoder, sd_conditioning, train_unet
+from sepme_adapter.demo.classifier import ConceptClassifier, held_out_accuracy, train_classifier
+from sepme_adapter.demo.tokenizer import write_word_tokenizer
+from sepme_adapter.generation import Job, generate_batched
+
+from .spec import WorldSpec, make_spec
+
+FORMAT = 1  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """The build's budget (not drawn from the seed); `QUICK` for tests."""
+
+    unet_steps: int = 700
+    unet_batch: int = 32
+    unet_lr: float = 2e-3
+    unet_warmup: int = 50
+    ema_decay: float = 0.99
+    classifier_steps: int = 300
+    classifier_batch: int = 64
+    gate_seeds: int = 20
+    gate_steps: int = 20
+    gate_guidance: float = 5.0
+    gate_batch: int = 64
+    min_accuracy: float = 0.85
+    enforce_gate: bool = True
+
+
+QUICK = BuildSettings(unet_steps=6, unet_batch=8, unet_warmup=2, classifier_steps=6, classifier_batch=16,
+                      gate_seeds=2, gate_steps=2, enforce_gate=False)
+
+
+def _cpu_total(timings: dict) -> float:
+    return round(sum(t["cpu_s"] for t in timings.values()), 1)
+
+
+def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSettings()) -> dict:
+    """Build world `seed` into `out` (pipeline/, classifiers/, world.json, recipe.json); return the report."""
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    spec = make_spec(seed)
+    timings: dict[str, dict[str, float]] = {}
+    wall = time.perf_counter()
+    recipe = replace(
+        Recipe(), seed=int(seed), max_tokens=spec.max_tokens, text_width=spec.text_width,
+        text_layers=spec.text_layers, text_heads=spec.text_heads, unet_steps=settings.unet_steps,
+        unet_batch=settings.unet_batch, unet_lr=settings.unet_lr, unet_warmup=settings.unet_warmup,
+        ema_decay=settings.ema_decay,
+    )
+    with _timed(timings, "text"):
+        tokenizer = write_word_tokenizer(work / "pipeline" / "tokenizer", spec.vocabulary, spec.max_tokens)
+        for word in spec.vocabulary:  # names and template words are single tokens
+            assert len(tokenizer(word).input_ids) == 3, f"{word!r} is not one token"
+        torch.manual_seed(recipe.seed)
+        text_encoder = random_text_encoder(recipe, tokenizer, spec.text_width)
+    vae = AutoencoderKL.from_pretrained(DEMO_ASSETS / "pipeline" / "vae").eval().requires_grad_(False)
+    demo_unet = UNet2DConditionModel.from_pretrained(DEMO_ASSETS / "pipeline" / "unet")
+    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                    beta_schedule="scaled_linear")
+    with _timed(timings, "unet"):
+        unet, losses = train_unet(
+            recipe, vae, sd_conditioning(tokenizer, text_encoder), noise_scheduler,
+            np.random.default_rng([int(seed), 2]), warm_start=demo_unet.state_dict(), sample_batch=spec.sample_batch,
+        )
+    del demo_unet
+    scheduler = DDIMScheduler.from_pretrained(DEMO_ASSETS / "pipeline" / "scheduler")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(work / "pipeline", safe_serialization=True)
+    with _timed(timings, "classifiers"):
+        held_out = {}
+        for i, (family, labels) in enumerate(spec.labels.items()):
+            init = load_file(DEMO_ASSETS / "classifiers" / f"{family}.safetensors")
+            classifier = train_classifier(family, spec.classifier_sampler(family), steps=settings.classifier_steps,
+                                          batch_size=settings.classifier_batch, seed=int(seed) * 100 + 10 + i,
+                                          labels=labels, init=init)
+            classifier.save(work / "classifiers")
+            held_out[family] = held_out_accuracy(classifier, spec.classifier_sampler(family), 500,
+                                                 int(seed) * 100 + 20 + i)
+    (work / "world.json").write_text(json.dumps({"format": FORMAT, **spec.to_json()}, indent=2))
+    with _timed(timings, "quality_gate"):
+        gate = quality_gate(work, spec, settings)
+    build_cpu = round(sum(timings[k]["cpu_s"] for k in ("text", "unet", "classifiers")), 1)
+    report = {
+        "format": FORMAT,
+        "seed": int(seed),
+        "settings": asdict(settings),
+        "recipe": asdict(recipe),
+        "spec": spec.to_json(),
+        "timings": timings,
+        "build_cpu_s": build_cpu,  # text + denoiser + classifiers
+        "total_cpu_s": _cpu_total(timings),  # and the quality gate
+        "total_wall_s": round(time.perf_counter() - wall, 1),
+        "unet_loss_last_100": float(np.mean(losses[-100:])),
+        "classifier_held_out_accuracy": held_out,
+        "quality_gate": gate,
+        "passed": gate["passed"] and all(a >= 0.95 for a in held_out.values()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    (work / "recipe.json").write_text(json.dumps(report, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    work.rename(out)
+    return report
+
+
+def quality_gate(folder: Path, spec: WorldSpec, settings: BuildSettings) -> dict:
+    """The saved base model's classifier accuracy on every concept's prompts (canonical and paraphrases),
+    `gate_seeds` seeds, DDIM `gate_steps` at guidance `gate_guidance` (the sampler the zoo evaluates
+    with); compositions are reported (each half's accuracy), not gated."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    classifiers = {f: ConceptClassifier.load(folder / "classifiers", f) for f in spec.labels}
+    seeds = list(range(settings.gate_seeds))
+    prompts = {name: spec.prompts(name) for name in (*spec.objects, *spec.styles)}
+    compositions = {(o, s): spec.compositions(o, s)[0] for o in spec.objects for s in spec.styles}
+    texts = [p for ps in prompts.values() for p in ps] + list(compositions.values())
+    jobs = [Job(t, s) for t in texts for s in seeds]
+    images = generate_batched(pipe, jobs, steps=settings.gate_steps, guidance_scale=settings.gate_guidance,
+                              batch_size=settings.gate_batch, output_type="pt")
+    by_prompt = {t: torch.stack(images[i * len(seeds):(i + 1) * len(seeds)]) for i, t in enumerate(texts)}
+
+    def accuracy(name: str, family: str, text: str) -> float:
+        return float(np.mean([p == name for p in classifiers[family].predict(by_prompt[text])]))
+
+    concepts = {}
+    for name, ps in prompts.items():
+        family = spec.family(name)
+        concepts[name] = {p: accuracy(name, family, p) for p in ps}
+    comp = {f"{o}+{s}": {"object": accuracy(o, "object", t), "style": accuracy(s, "style", t)}
+            for (o, s), t in compositions.items()}
+    worst = min(a for c in concepts.values() for a in c.values())
+    return {
+        "seeds": len(seeds), "steps": settings.gate_steps, "guidance_scale": settings.gate_guidance,
+        "min_accuracy": settings.min_accuracy, "concepts": concepts, "compositions": comp,
+        "worst": worst, "passed": worst >= settings.min_accuracy,
+    }
