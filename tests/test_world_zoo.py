@@ -1,0 +1,129 @@
+"""The world zoo (`benchmarks/worlds`, `benchmarks/world_zoo.py`): determinism, renderer, quick build and run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.worlds import ZOO, World, load_world  # noqa: E402
+from benchmarks.worlds.spec import PLAIN, make_spec, render_array  # noqa: E402
+from sepme_adapter.demo.tokenizer import write_word_tokenizer  # noqa: E402
+
+QUICK_SEED = 13  # world_zoo.py --quick's world
+
+
+def test_zoo_declares_roles():
+    roles = list(ZOO.values())
+    assert roles.count("tuning") >= 2 and roles.count("held-out") >= 3
+    assert set(roles) == {"tuning", "held-out"}
+
+
+def test_spec_is_a_function_of_the_seed(tmp_path):
+    assert make_spec(11).to_json() == make_spec(11).to_json()
+    a, b = make_spec(11), make_spec(12)
+    assert set(a.objects) | set(a.styles) != set(b.objects) | set(b.styles)
+    files = []
+    for folder in ("a", "b"):
+        write_word_tokenizer(tmp_path / folder, a.vocabulary, a.max_tokens)
+        files.append([(tmp_path / folder / f).read_bytes() for f in ("vocab.json", "merges.txt")])
+    assert files[0] == files[1]
+    tokenizer = write_word_tokenizer(tmp_path / "c", a.vocabulary, a.max_tokens)
+    for name in (*a.objects, *a.styles):  # concept names are single tokens
+        assert len(tokenizer(name).input_ids) == 3
+
+
+@pytest.mark.parametrize("seed", [*ZOO, 0, 1, 2, 3, 4, 5])
+def test_spec_ranges(seed):
+    spec = make_spec(seed)
+    assert 64 <= spec.text_width <= 256 and 8 <= spec.max_tokens <= 24 and 1 <= spec.text_layers <= 3
+    assert 3 <= len(spec.objects) <= 5 and 3 <= len(spec.styles) <= 5
+    assert len(set(spec.objects) | set(spec.styles) | {PLAIN}) == len(spec.objects) + len(spec.styles) + 1
+    for templates in (spec.object_templates, spec.style_templates):
+        assert 2 <= len(templates) <= 4  # the first is canonical, the rest are held-out phrasings
+    assert 2 <= len(spec.composition_templates) <= 3
+    obj, style = next(iter(spec.objects)), next(iter(spec.styles))
+    for text in (*spec.prompts(obj), *spec.prompts(style), *spec.compositions(obj, style)):
+        assert len(text.split()) + 2 <= spec.max_tokens  # no caption is truncated
+
+
+def test_renderer():
+    spec = make_spec(11)
+    image = render_array(spec, next(iter(spec.objects)), PLAIN, np.random.default_rng(0))
+    assert image.shape == (32, 32, 3) and image.dtype == np.float32 and 0 <= image.min() and image.max() <= 1
+    again = render_array(spec, next(iter(spec.objects)), PLAIN, np.random.default_rng(0))
+    assert np.array_equal(image, again)
+    batch = spec.sample_batch(12, np.random.default_rng(1))
+    assert batch.images.shape == (12, 3, 32, 32) and len(batch.captions) == 12
+    # every glyph covers a fair share of the image, and textured glyphs show more than one colour
+    for obj in spec.objects:
+        rng = np.random.default_rng(2)
+        for style in spec.styles:
+            img = render_array(spec, obj, style, rng)
+            background = img[0, 0]
+            covered = np.abs(img - background).sum(-1) > 0.05
+            assert 0.04 < covered.mean() < 0.8, (obj, style)
+    for seed in (11, 12, 13):  # styles of a world look different from each other
+        spec = make_spec(seed)
+        means = [np.mean([render_array(spec, o, s, np.random.default_rng(3)) for o in spec.objects], 0)
+                 for s in spec.styles]
+        for i in range(len(means)):
+            for j in range(i):
+                assert np.abs(means[i] - means[j]).mean() > 0.01
+
+
+@pytest.fixture(scope="module")
+def worlds_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("worlds")
+    old = os.environ.get("SEPME_WORLDS_DIR")
+    os.environ["SEPME_WORLDS_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("SEPME_WORLDS_DIR")
+    else:
+        os.environ["SEPME_WORLDS_DIR"] = old
+
+
+@pytest.mark.slow
+def test_quick_world_builds_and_loads(worlds_dir):
+    world = load_world(QUICK_SEED, quick=True)
+    assert isinstance(world, World) and world.seed == QUICK_SEED
+    spec = make_spec(QUICK_SEED)
+    assert set(world.concepts) == set(spec.objects) | set(spec.styles)
+    obj, style = world.objects[0], world.styles[0]
+    assert world.concepts[obj].prompt == spec.prompts(obj)[0]
+    assert world.concepts[obj].paraphrases == tuple(spec.prompts(obj)[1:])
+    assert all(obj in p and style in p for p in world.compositions(obj, style))
+    recipe = json.loads((worlds_dir / f"{QUICK_SEED}-quick" / "recipe.json").read_text())
+    assert recipe["build_cpu_s"] > 0 and "quality_gate" in recipe
+    pipe = world.pipeline()
+    assert pipe.text_encoder.config.hidden_size == spec.text_width == pipe.unet.config.cross_attention_dim
+    images = pipe(world.concepts[obj].prompt, num_inference_steps=2, output_type="pil").images
+    assert len(world.classify(obj, images)) == 1
+    assert load_world(QUICK_SEED, quick=True).concepts == world.concepts  # cached: no rebuild
+    demo = load_world("demo")
+    assert demo.role == "tuning" and "circle" in demo.concepts
+    assert demo.compositions("circle", "orvan")[0] == "a circle by orvan"
+
+
+@pytest.mark.slow
+def test_world_zoo_quick_prints_result(worlds_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEPME_WORLDS_DIR": str(worlds_dir)}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_zoo.py"), "--quick"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    result = [line for line in lines if line.startswith("RESULT ")]
+    assert result, out.stdout[-3000:]
+    fields = dict(item.split("=") for item in result[-1].split()[1:])
+    assert set(fields) == {"worlds", "exact_max", "para_max", "comp_max", "kept_worst", "restored_max"}
+    assert float(fields["restored_max"]) == 0.0  # loaded, none active: the original model bit for bit
+    assert any(line.startswith("TUNING ") for line in lines)
