@@ -28,7 +28,7 @@ def test_save_and_load_round_trip_every_tensor_and_metadata_field(pipe, tmp_path
 
 
 def test_delta_is_beta_w_basis_transposed_and_invisible_to_known_prompts(pipe):
-    from sepme_adapter.base_model import encode_prompts
+    from sepme_adapter.text import encode_prompts
 
     eraser = make_eraser(pipe, "vangogh")
     layer = next(iter(eraser.weights))

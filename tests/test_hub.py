@@ -25,7 +25,7 @@ from PIL import Image
 
 import sepme_adapter
 from sepme_adapter import cli
-from sepme_adapter.base_model import encode_prompts
+from sepme_adapter.text import encode_prompts
 from sepme_adapter.hub import save_lora
 from sepme_adapter.testing import tiny_pipeline
 

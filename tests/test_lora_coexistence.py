@@ -10,7 +10,9 @@ from safetensors.torch import save_file
 
 import sepme_adapter
 from sepme_adapter import Eraser, EraserFileError
-from sepme_adapter.base_model import cross_attention_modules, encode_prompts, fingerprint
+from sepme_adapter.fingerprint import fingerprint
+from sepme_adapter.text import encode_prompts
+from sepme_adapter.unet import cross_attention_modules
 from sepme_adapter.hub import SEPME_LORA_KEY, export_lora, save_lora
 from sepme_adapter.testing import tiny_pipeline
 

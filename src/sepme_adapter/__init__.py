@@ -35,7 +35,7 @@ from .loader import (
     SepMEWarning,
     attach,
 )
-from .processor import ErasureRuntime, SepMEAttnProcessor
+from .runtime import ErasureRuntime
 
 __version__ = "0.1.0"
 
@@ -46,7 +46,6 @@ __all__ = [
     "EraserFileError",
     "ErasureNotAppliedError",
     "ErasureRuntime",
-    "SepMEAttnProcessor",
     "SepMEError",
     "SepMELoaderMixin",
     "SepMEStableDiffusionPipeline",

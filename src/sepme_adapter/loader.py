@@ -23,7 +23,7 @@ from .eraser import Eraser
 from .errors import BaseModelMismatchError, SepMEStateError
 from .files import resolve_eraser_files
 from .fingerprint import fingerprint, fingerprint_mismatch
-from .processor import ErasureRuntime
+from .runtime import ErasureRuntime
 from .unet import base_linear, layer_weight
 
 RUNTIME_ATTRIBUTE = "_sepme_runtime"

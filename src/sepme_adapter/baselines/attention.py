@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from ..processor import ErasureRuntime
+from ..runtime import ErasureRuntime
 
 
 class _ScoreRecorder:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..processor import ErasureRuntime
+from ..runtime import ErasureRuntime
 from ..text import added_conditions, encode_prompts
 from ..training.concepts import Concept
 from ..unet import base_linear, cross_attention_modules

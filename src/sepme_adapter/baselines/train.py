@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..eraser import Eraser
 from ..errors import TrainingError
-from ..processor import ErasureRuntime
+from ..runtime import ErasureRuntime
 from ..text import default_time_ids, encode_prompts_pooled, uses_added_conditions, zeros_for_empty_prompt
 from ..training.concepts import Concept, prepare_concepts
 from ..training.harness import (

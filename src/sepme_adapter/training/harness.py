@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 from ..errors import TrainingError
 from ..fingerprint import fingerprint
 from ..loader import attach, erasure_runtime
-from ..processor import ErasureRuntime
+from ..runtime import ErasureRuntime
 from ..unet import layer_weight
 
 

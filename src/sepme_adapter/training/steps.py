@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..processor import ErasureRuntime
+from ..runtime import ErasureRuntime
 from ..text import added_conditions
 from .config import TrainConfig
 from .harness import compute_dtype, noisy_latents

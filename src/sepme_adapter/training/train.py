@@ -21,7 +21,7 @@ from ..basis import BasisChoice, choose_basis, pooled_basis
 from ..certificate import leakage_certificate
 from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
-from ..processor import ErasureRuntime
+from ..runtime import ErasureRuntime
 from ..text import encode_prompts_pooled, zeros_for_empty_prompt
 from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
 from .calibration import parameter_groups

@@ -110,11 +110,6 @@ class AppliedCheck:
             )
 
 
-# The name of the public run-time piece before erasers moved from wrapped processors to the
-# projections (0.1); kept so existing imports work.
-SepMEAttnProcessor = ProjectionIncrement
-
-
 class ErasureRuntime:
     """Loaded erasers of one UNet, which of them are active, the hooks that apply them and their caches.
 
