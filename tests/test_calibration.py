@@ -15,7 +15,8 @@ def test_the_step_size_follows_the_model_scale_and_not_the_text_scale(pipe):
     eraser = make_eraser(pipe, "vangogh")
     layer = next(iter(eraser.weights))
     weight = layer_weight(pipe.unet, layer)
-    text = torch.randn(2, 8, eraser.text_width, generator=torch.Generator().manual_seed(0))
+    text = torch.randn(2, 8, eraser.text_width, generator=torch.Generator().manual_seed(0)).double()
+    weight = weight.double()  # float64: 10 * w and 7 * text are exact, so the rel=1e-9 checks test the rule, not round-off
     config = TrainConfig()
     lr = layer_learning_rate(weight, eraser, layer, text, config)
     # keys scale with W: a 10x larger layer needs 10x larger steps for the same relative change

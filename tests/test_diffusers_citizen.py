@@ -196,12 +196,14 @@ def test_8_verify_fails_an_eraser_whose_effect_is_below_the_relative_threshold(t
     model = tmp_path / "model"
     pipe.save_pretrained(model)
     good = make_eraser(pipe, "vangogh")
-    # w 20000x smaller than the working one's: its concept's keys / values change by 1.4e-5 (the largest
-    # layer by 2.1e-5), above the old absolute 1e-6, like an eraser trained with default settings
+    # w 20000x smaller than the working one's: its concept's keys / values change by about 1e-5 of their
+    # size, above the old absolute 1e-6, like an eraser trained with default settings. The exact value is
+    # the difference of two nearly equal float32 products (round-off, CPU-dependent); the guarantee is
+    # that it is measurably non-zero and far below the threshold, so verify fails.
     weak = make_eraser(pipe, "picasso", scale=0.1)
     report = verify_eraser(pipe, weak)
     assert not report["ok"] and "does nothing" in report["problems"][0]
-    assert report["concept_change"] == pytest.approx(1.36e-5, rel=0.01)
+    assert 0 < report["concept_change"] < MIN_EFFECT / 10
     assert verify_eraser(pipe, good)["ok"] and verify_eraser(pipe, good)["concept_change"] > 100 * MIN_EFFECT
     good.save(tmp_path / "good" / "vangogh.safetensors")
     weak.save(tmp_path / "weak" / "picasso.safetensors")
