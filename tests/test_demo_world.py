@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sepme_adapter import demo
-from sepme_adapter.demo.tokenizer import write_word_tokenizer
+from sepme_adapter.testing.tokenizer import write_word_tokenizer
 
 
 def test_the_renderer_is_deterministic_for_a_seed():

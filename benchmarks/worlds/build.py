@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from sepme_adapter.demo import ASSETS as DEMO_ASSETS
 from sepme_adapter.demo.build import Recipe, _timed, random_text_encoder, sd_conditioning, train_unet
 from sepme_adapter.demo.classifier import ConceptClassifier, held_out_accuracy, train_classifier
-from sepme_adapter.demo.tokenizer import write_word_tokenizer
+from sepme_adapter.testing.tokenizer import write_word_tokenizer
 from sepme_adapter.generation import Job, generate_batched
 
 from .spec import WorldSpec, make_spec

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .classifier import ConceptClassifier, Sampler, held_out_accuracy, train_classifier
-from .tokenizer import write_word_tokenizer
+from ..testing.tokenizer import write_word_tokenizer
 from .world import (
     CONCEPTS,
     LABELS,

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..demo.tokenizer import write_word_tokenizer
+from .tokenizer import write_word_tokenizer
 
 DEFAULT_WORDS = (
     "a painting by of the in style photo van gogh picasso cezanne monet dog cat church parachute "
