@@ -17,7 +17,7 @@ from pathlib import Path
 import sepme_adapter
 from sepme_adapter import demo
 from sepme_adapter.demo.job import DEMO_TRAINING, GUIDANCE, STEPS, phrasings
-from sepme_adapter.evaluation import EvalConcept, LPIPSMetric, evaluate, markdown_table, write_results
+from sepme_adapter.evaluation import EvalConcept, evaluate, image_metric, markdown_table, write_results
 from sepme_adapter.training import Concept, train_erasers
 
 
@@ -41,7 +41,7 @@ def main() -> None:
     styles = [n for n in names if demo.CONCEPTS[n].family == "style"]
     measured = [EvalConcept(n, list(c.prompts), [], list(range(args.seeds))) for n, c in zip(names, concepts)]
     results = evaluate(pipe, measured, demo.demo_classifier(), [[n] for n in names] + [styles], steps=STEPS,
-                       guidance_scale=GUIDANCE, lpips=LPIPSMetric(), progress=False, batch_size=40)
+                       guidance_scale=GUIDANCE, metric=image_metric(), progress=False, batch_size=40)
     results["certificates"] = {e.name: e.certificate for e in erasers}
     write_results(results, out)
     print(markdown_table(results))

@@ -59,7 +59,7 @@ def test_accelerate_launch_splits_concepts_across_two_cpu_processes(model_folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["rank-0", "rank-1"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["process-0", "process-1"]
     for name in ("vangogh", "picasso"):
         split = Eraser.load(tmp_path / f"{name}.safetensors")
         together = Eraser.load(single_process / f"{name}.safetensors")

@@ -44,7 +44,7 @@ def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
         for name in ERASED:
             if name not in subset["erased"]:  # restored: its exact prompts render as in the original
                 assert subset["max_pixel_change"][name] <= 1 / 255 + 1e-6
-                assert subset["lpips"][name] < 1e-3
+                assert subset["distance"][name] < 1e-3
     assert results["generation"]["images"] > 0 and results["settings"]["batch_size"] > 1
     for name in ("grid.png", "results.md", "erasers/orvan.safetensors", "erasers/loss_curves.png"):
         assert (tmp_path / name).is_file(), name

@@ -4,14 +4,17 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sepme_adapter.evaluation import (
     EvalConcept,
     LPIPSMetric,
+    SSIMDistance,
     all_subsets,
     concepts_from_csv,
     evaluate,
     image_grid,
+    image_metric,
     markdown_table,
     scenario_subsets,
     write_results,
@@ -27,7 +30,7 @@ def brightness_classifier(threshold):
 
 @pytest.fixture(scope="module")
 def lpips_metric():
-    return LPIPSMetric()
+    return image_metric()  # offline: 1-SSIM (the ImageNet AlexNet for LPIPS is not here)
 
 
 def test_every_subset_gets_accuracy_lpips_and_restoration_drift(pipe, lpips_metric, tmp_path):
@@ -36,20 +39,20 @@ def test_every_subset_gets_accuracy_lpips_and_restoration_drift(pipe, lpips_metr
     concepts = [EvalConcept(n, [p], [p.replace("a painting by", "in the style of")], seeds=[0, 1])
                 for n, p in CONCEPTS.items()]
     results = evaluate(pipe, concepts, brightness_classifier(120.0), all_subsets(list(CONCEPTS)), steps=2,
-                       lpips=lpips_metric, progress=False, keep_images=True)
+                       metric=lpips_metric, progress=False, keep_images=True)
     assert [e["erased"] for e in results["subsets"]] == all_subsets(list(CONCEPTS))
     assert set(results["original"]["accuracy"]) == set(CONCEPTS)
     for entry in results["subsets"]:
         for name in CONCEPTS:
             if name in entry["erased"]:
-                assert entry["lpips"][name] > 1e-4 and entry["max_pixel_change"][name] > 0.01
+                assert entry["distance"][name] > 1e-4 and entry["max_pixel_change"][name] > 0.01
             else:  # restored: its exact prompt renders as in the original model (up to 8-bit rounding)
                 assert entry["max_pixel_change"][name] <= 1 / 255 + 1e-6
-                assert entry["lpips"][name] < 1e-3
+                assert entry["distance"][name] < 1e-3
         assert entry["dtheta_p"] > 0
     assert pipe.get_erased() == []
     table = markdown_table(results)
-    assert "vangogh, picasso, cezanne" in table and "Held-out paraphrases" in table and "random weights" in table
+    assert "vangogh, picasso, cezanne" in table and "Held-out paraphrases" in table and "cezanne 1-SSIM" in table and "LPIPS |" not in table
     json_path, md_path = write_results(results, tmp_path)
     assert json.loads(json_path.read_text())["subsets"][0]["erased"] == ["vangogh"]
     images = results["_images"]
@@ -85,7 +88,7 @@ def test_held_out_and_compositions_are_measured_separately_with_both_halves(pipe
                             compositions=[("a painting by van gogh and picasso", "picasso")]),
                 EvalConcept("picasso", [CONCEPTS["picasso"]], [], [0, 1],
                             compositions=[("a painting by van gogh and picasso", "vangogh")])]
-    results = evaluate(pipe, concepts, classify, [["vangogh"], ["picasso", "vangogh"]], steps=2, lpips=lpips_metric,
+    results = evaluate(pipe, concepts, classify, [["vangogh"], ["picasso", "vangogh"]], steps=2, metric=lpips_metric,
                        progress=False, batch_size=4)
     # 3 states x (2 exact + 1 held-out + 1 shared composition prompt) x 2 seeds, each generated once
     assert results["generation"]["images"] == 3 * 4 * 2
@@ -125,3 +128,43 @@ def test_sepme_eval_reports_held_out_phrasings_and_compositions(model_folder, tm
     assert results["generation"]["batch_size"] == 5 and results["generation"]["threads"] == 1
     assert "summary" in results["subsets"][0]
     assert "Compositions" in (out / "results.md").read_text()
+
+
+def test_the_tables_say_lpips_only_when_real_lpips_weights_were_used(tmp_path, monkeypatch):
+    import torch
+    import torchvision
+
+    from sepme_adapter.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "cached_alexnet_weights", lambda: None)  # as on a machine without the cache
+    assert isinstance(image_metric(), SSIMDistance) and image_metric().name == "1-SSIM"
+    with pytest.raises(FileNotFoundError, match="ImageNet AlexNet"):
+        LPIPSMetric()
+    random = LPIPSMetric(random_backbone=True)  # the lpips code on a random AlexNet: plumbing only
+    assert "LPIPS" not in random.name
+    results = {"concepts": ["a"], "erasers": ["a"], "original": {"accuracy": {"a": 1.0}},
+               "image_metric": {"name": SSIMDistance.name, "description": SSIMDistance.description},
+               "subsets": [{"erased": ["a"], "accuracy": {"a": 0.0}, "distance": {"a": 0.25},
+                            "max_pixel_change": {"a": 0.5}, "dtheta_p": 1.0}]}
+    table = markdown_table(results)
+    assert "a 1-SSIM" in table and "LPIPS |" not in table and "--lpips-weights" in table
+    # --lpips-weights: torchvision's AlexNet state dict (here random, saved as a user's file would be)
+    features = {k: v for k, v in torchvision.models.alexnet().state_dict().items() if k.startswith("features.")}
+    torch.save(features, tmp_path / "alexnet.pth")
+    real = image_metric(lpips_weights=tmp_path / "alexnet.pth")
+    assert isinstance(real, LPIPSMetric) and real.name == "LPIPS"
+    assert torch.equal(real.model.net.slice1[0].weight.cpu(), features["features.0.weight"])
+    image = Image.new("RGB", (16, 16), (10, 200, 30))
+    assert real([image], [image])[0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        LPIPSMetric(weights=tmp_path / "missing.pth")
+
+
+def test_ssim_distance_is_zero_for_identical_images_and_grows_with_change():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    noisy = np.clip(base.astype(int) + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+    metric = SSIMDistance()
+    same, changed, inverted = metric([Image.fromarray(base)] * 3, [Image.fromarray(base), Image.fromarray(noisy),
+                                                                   Image.fromarray(255 - base)])
+    assert same == pytest.approx(0.0, abs=1e-6) and 0 < changed < inverted

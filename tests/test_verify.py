@@ -18,7 +18,9 @@ def test_verify_passes_working_erasers_and_fails_an_inert_one(tmp_path, capsys):
     inert.weights = {k: torch.zeros_like(w) for k, w in inert.weights.items()}
     inert.save(tmp_path / "inert" / "picasso.safetensors")
     assert main(["verify", "--model", str(model), "--erasers", str(good), "--json", str(tmp_path / "r.json")]) == 0
-    assert "ok" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ok" in out and str(good) in out  # names the file
+    assert "leak:" in out and "certificate:" in out  # and says what the two numbers are
     assert main(["verify", "--model", str(model), "--erasers", str(tmp_path / "inert")]) == 1
     assert "does nothing" in capsys.readouterr().out
 

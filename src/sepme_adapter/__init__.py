@@ -16,26 +16,66 @@ import sys as _sys
 if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "sepme" and "torch" not in _sys.modules:
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .basis import null_space_basis  # noqa: E402
-from .eraser import Eraser
-from .errors import (
-    BaseModelMismatchError,
-    EmptyNullSpaceError,
-    EraserFileError,
-    ErasureNotAppliedError,
-    SepMEError,
-    SepMEStateError,
-    TrainingError,
-)
-from .hub import export_lora, push_to_hub
-from .loader import (
-    SepMELoaderMixin,
-    SepMEStableDiffusionPipeline,
-    SepMEStableDiffusionXLPipeline,
-    SepMEWarning,
-    attach,
-)
-from .runtime import ErasureRuntime
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
+# Names are imported on first use (PEP 562), so `import sepme_adapter.cli` and `sepme --help` do not load
+# torch and diffusers; `from sepme_adapter import attach` works as before.
+_EXPORTS = {
+    "null_space_basis": ".basis",
+    "Eraser": ".eraser",
+    "BaseModelMismatchError": ".errors",
+    "EmptyNullSpaceError": ".errors",
+    "EraserFileError": ".errors",
+    "ErasureNotAppliedError": ".errors",
+    "SepMEError": ".errors",
+    "SepMEStateError": ".errors",
+    "TrainingError": ".errors",
+    "export_lora": ".hub",
+    "push_to_hub": ".hub",
+    "SepMELoaderMixin": ".loader",
+    "SepMEStableDiffusionPipeline": ".loader",
+    "SepMEStableDiffusionXLPipeline": ".loader",
+    "SepMEWarning": ".loader",
+    "attach": ".loader",
+    "ErasureRuntime": ".runtime",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy exports
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if _TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .basis import null_space_basis
+    from .eraser import Eraser
+    from .errors import (
+        BaseModelMismatchError,
+        EmptyNullSpaceError,
+        EraserFileError,
+        ErasureNotAppliedError,
+        SepMEError,
+        SepMEStateError,
+        TrainingError,
+    )
+    from .hub import export_lora, push_to_hub
+    from .loader import (
+        SepMELoaderMixin,
+        SepMEStableDiffusionPipeline,
+        SepMEStableDiffusionXLPipeline,
+        SepMEWarning,
+        attach,
+    )
+    from .runtime import ErasureRuntime
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,7 @@ class Eraser:
         prompt: the concept's main prompt (the first of `prompts`).
         basis: `S_p`, `d_in x m` with orthonormal columns, or `None` for a dense increment.
         weights: `"<attn2 module path>.to_k"` / `".to_v"` -> `w` (`d_out x m`; dense: `d_out x d_in`).
-        beta: the fixed scale of Eq. 10 (paper default 1e-4).
+        beta: the fixed scale of Eq. 10 (default 1, as `TrainConfig.beta`; the paper's preset: 1e-4).
         known: names -> prompts (a list each; a string is one prompt) of the concepts the basis excludes.
         protected: extra prompts the basis excludes (kept exact), e.g. watermark triggers.
         metadata: free-form JSON-able dict: `base_model`, `fingerprint`, `training`, `stats`, `basis`
@@ -81,7 +81,7 @@ class Eraser:
     prompt: str
     basis: torch.Tensor | None
     weights: dict[str, torch.Tensor]
-    beta: float = 1e-4
+    beta: float = 1.0  # = TrainConfig.beta (a test checks)
     known: dict[str, list[str]] = field(default_factory=dict)
     protected: list[str] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)

@@ -217,7 +217,15 @@ class SepMELoaderMixin:
         if isinstance(names, (str, bytes)):
             raise TypeError(f"set_erased takes a list of names, got the string {names!r}; "
                             f"did you mean set_erased([{names!r}])?")
-        names = list(names)
+        if names is None:
+            raise TypeError("set_erased takes a list of names, got None; pipe.set_erased([]) restores the original "
+                            "model, pipe.set_erased(pipe.list_sepme()) erases every loaded concept")
+        try:
+            names = list(names)
+        except TypeError:
+            raise TypeError(f"set_erased takes a list of names, got {type(names).__name__} {names!r}") from None
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError(f"set_erased takes a list of names (strings), got {names!r}")
         runtime = erasure_runtime(self)
         loaded = list(runtime.erasers) if runtime is not None else []
         unknown = [n for n in names if n not in loaded]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -22,6 +23,21 @@ def pipeline_class_name(model: str) -> str | None:
         return None
 
 
+def check_model_location(model: str) -> None:
+    """A `model` that looks like a path (absolute, `./`, `~`, or more than one `/`) must be an existing folder;
+    otherwise diffusers would report a Hub repo-id format error for a simple typo in a folder name."""
+    if os.path.isdir(model):
+        return
+    if os.path.isfile(model):
+        raise FileNotFoundError(f"model {model!r} is a file; pass a diffusers folder (with model_index.json) or a "
+                                f"Hub id such as org/name")
+    looks_like_path = (os.path.isabs(model) or model.startswith((".", "~")) or "\\" in model
+                       or model.strip("/").count("/") > 1 or model.endswith("/"))
+    if looks_like_path:
+        raise FileNotFoundError(f"model folder not found: {os.path.expanduser(model)} (pass an existing diffusers "
+                                f"folder, or a Hub id such as org/name)")
+
+
 def load_pipeline(model: str, device: str | None = None, dtype: str | None = None) -> Any:
     """Open a Stable Diffusion model (a local folder or a Hub id) with the SepME methods attached.
 
@@ -31,6 +47,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
+    check_model_location(model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:

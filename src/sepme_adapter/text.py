@@ -94,3 +94,20 @@ def added_conditions(pooled: torch.Tensor | None, time_ids: torch.Tensor | None,
         return {}
     time_ids = time_ids.to(device=device, dtype=dtype).expand(len(pooled), -1)
     return {"added_cond_kwargs": {"text_embeds": pooled.to(device=device, dtype=dtype), "time_ids": time_ids}}
+
+
+def overlong_prompts(pipe: Any, prompts: Sequence[str]) -> list[tuple[str, int, int]]:
+    """`(prompt, tokens, limit)` for every prompt longer than a tokenizer of the pipeline accepts (counting the
+    start and end tokens): the text encoder would see only its truncation."""
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    found = []
+    for prompt in dict.fromkeys(prompts):
+        for tokenizer in tokenizers:
+            limit = getattr(tokenizer, "model_max_length", None)
+            if not limit or limit > 100_000:  # "no limit" is a huge number in transformers
+                continue
+            count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+            if count > limit:
+                found.append((prompt, count, limit))
+                break
+    return found

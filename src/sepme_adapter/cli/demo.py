@@ -7,14 +7,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..demo import MODELS
-from ..demo.job import BATCH_SIZE, run_demo
-from .options import add_generation_options, add_quiet_option, new_command
+from .options import add_generation_options, add_quiet_option
+
+MODELS = ("sd", "sdxl")  # = demo.MODELS (a test checks)
+BATCH_SIZE = 40  # = demo.job.BATCH_SIZE (a test checks)
 
 
-def register(subparsers: Any) -> None:
-    parser = new_command(subparsers, "demo", __doc__, run,
-                         help="erase, restore and measure on the built-in demo world")
+def register(parser: argparse.ArgumentParser, argv: Any = ()) -> None:
+    parser.set_defaults(func=run)
     parser.add_argument("--model", choices=MODELS, default="sd",
                         help="the demo world: sd (SD v1 architecture, default) or sdxl (SDXL's: two text encoders, "
                              "pooled embeddings and time ids)")
@@ -28,6 +28,11 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..demo.job import run_demo
+    from .options import silence_libraries
+
+    if args.quiet:
+        silence_libraries()
     out = args.out or ("sepme-demo" if args.model == "sd" else f"sepme-demo-{args.model}")
     run_demo(out, args.quick, args.seeds, not args.quiet, threads=args.threads, batch_size=args.batch_size,
              model=args.model, pooled_increment=args.pooled_increment)

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..hub import LORA_FORMATS, export_lora
-from .options import add_eraser_files, new_command
+from .options import add_eraser_files
+
+LORA_FORMATS = ("diffusers", "kohya")  # = hub.LORA_FORMATS (a test checks)
 
 
-def register(subparsers: Any) -> None:
-    parser = new_command(subparsers, "export-lora", __doc__, run,
-                         help="write erasers as standard LoRA files (diffusers, ComfyUI, Automatic1111)")
+def register(parser: argparse.ArgumentParser, argv: Any = ()) -> None:
+    parser.set_defaults(func=run)
     add_eraser_files(parser)
     parser.add_argument("-o", "--output", required=True, metavar="OUT",
                         help="output folder (one file per eraser, same names), or a .safetensors file for one eraser")
@@ -24,6 +24,8 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..hub import export_lora
+
     for path in export_lora(args.files, args.output, args.format):
         print(path)
     return 0

@@ -1,22 +1,22 @@
-"""Options several commands share, declared once."""
+"""Options several commands share, declared once, and what commands do with them (load the model, be quiet).
+
+Nothing here imports torch or diffusers at module level: `sepme --help` must stay fast.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from ..pipelines import DTYPES
+DTYPES = ("float32", "float16", "bfloat16")  # = pipelines.DTYPES (a test checks)
 
 
-def new_command(subparsers: Any, name: str, description: str, run: Callable[[argparse.Namespace], int],
-                help: str) -> argparse.ArgumentParser:
-    """A subcommand's parser (`description`: its module's docstring); `run(args)` gets the parsed arguments."""
-    parser = subparsers.add_parser(name, help=help, description=description)
-    parser.set_defaults(func=run, command_parser=parser)
-    return parser
+def warn(command: str, message: str) -> None:
+    """A warning line a user should read: the result may not be what it looks like."""
+    print(f"sepme {command}: warning: {message}", file=sys.stderr)
 
 
 def add_eraser_files(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def add_eraser_files(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quiet_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (also diffusers' and transformers' loading bars)")
 
 
 def add_generation_options(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
@@ -39,6 +40,8 @@ def add_generation_options(parser: argparse.ArgumentParser, batch_size: int = 32
 def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's CPU threads when `--threads` was given."""
     if getattr(args, "threads", None):
+        import torch
+
         torch.set_num_threads(args.threads)
 
 
@@ -51,6 +54,52 @@ def add_model_options(parser: argparse.ArgumentParser, dtype: bool = True, quiet
                             help="the model's weights (default: float16 on CUDA, float32 on CPU)")
     if quiet:
         add_quiet_option(parser)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have, in one line, before any model is loaded."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             f"False); use --device cpu")
+        index = int(device.split(":")[1]) if ":" in device and device.split(":")[1].isdigit() else 0
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: Apple MPS is not available here; use --device cpu")
+
+
+def silence_libraries() -> None:
+    """`--quiet`: no loading bars or info logs from diffusers, transformers and huggingface_hub."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return
+    disable_progress_bars()
+
+
+def load_model(args: argparse.Namespace, model: str | None = None, dtype: str | None = None) -> Any:
+    """The pipeline `--model` (or `model`) names, on `--device`, after checking both; `--quiet` silences its
+    loading bars."""
+    check_device(getattr(args, "device", None))
+    if getattr(args, "quiet", False):
+        silence_libraries()
+    from ..pipelines import load_pipeline
+
+    return load_pipeline(model or args.model, getattr(args, "device", None),
+                         dtype if dtype is not None else getattr(args, "dtype", None))
 
 
 def concept_list(values: Sequence[str] | None) -> list[str]:

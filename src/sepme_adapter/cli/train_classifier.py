@@ -7,15 +7,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..evaluation import train_style_classifier
-from ..pipelines import load_pipeline
-from ..training import Concept
-from .options import add_generation_options, add_model_options, apply_threads, new_command
+from .options import add_generation_options, add_model_options, apply_threads, load_model, warn
 
 
-def register(subparsers: Any) -> None:
-    parser = new_command(subparsers, "train-classifier", __doc__, run,
-                         help="fit the paper's ResNet18-head style classifier")
+def register(parser: argparse.ArgumentParser, argv: Any = ()) -> None:
+    parser.set_defaults(func=run)
     parser.add_argument("--concept", action="append", required=True, metavar="NAME[=PROMPT]",
                         help="a concept (label) and the prompt its images come from (repeat)")
     add_model_options(parser)
@@ -28,15 +24,32 @@ def register(subparsers: Any) -> None:
     add_generation_options(parser)
 
 
+def chance_level(labels: int) -> float:
+    """The accuracy of guessing among `labels` balanced classes."""
+    return 1.0 / max(labels, 1)
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation import train_style_classifier
+    from ..training.concepts import Concept
+
     apply_threads(args)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    pipe.set_progress_bar_config(disable=True)
     concepts = [Concept.parse(c) for c in args.concept]
+    pipe = load_model(args)
+    pipe.set_progress_bar_config(disable=True)
     config = train_style_classifier(pipe, {c.name: c.prompt for c in concepts}, args.out, args.images,
                                     args.epochs, args.peak_lr, args.steps, args.guidance_scale,
                                     progress=not args.quiet, batch_size=args.batch_size)
     backbone = "ImageNet" if config["imagenet_backbone"] else "random"
-    print(f"held-out accuracy {config['held_out_accuracy']:.3f} ({backbone} ResNet18 backbone); use it with: "
+    accuracy = config["held_out_accuracy"]
+    print(f"held-out accuracy {accuracy:.3f} ({backbone} ResNet18 backbone); use it with: "
           f"sepme eval --classifier resnet18:{args.out}")
+    labels = len(config.get("labels", [])) or len(concepts) + 1  # the concepts and the blank prompt
+    chance = chance_level(labels)
+    if accuracy <= chance:
+        warn("train-classifier", f"held-out accuracy {accuracy:.3f} is at or below chance ({chance:.3f} for "
+                                 f"{labels} labels with the blank prompt): this classifier cannot tell the "
+                                 f"concepts apart, and `sepme eval` scores made with it mean nothing; try more --images "
+                                 f"or --epochs" + ("" if config["imagenet_backbone"] else
+                                                   ", or ImageNet ResNet18 weights in torch's hub cache"))
     return 0

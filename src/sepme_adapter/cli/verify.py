@@ -6,19 +6,25 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from ..eraser import Eraser
-from ..files import resolve_eraser_files
-from ..pipelines import load_pipeline
-from ..verify import MIN_EFFECT, verify_eraser, verify_fused
-from .options import add_model_options, new_command
+from .options import add_model_options, load_model
+
+MIN_EFFECT = 1e-3  # = verify.MIN_EFFECT (a test checks); here so that `--help` needs no torch
+LEGEND = (
+    "leak: the largest change of a kept prompt's (blank, known, protected) keys / values, relative to the change "
+    "of the concept's own, per layer; ~0 for an exact null-space basis (Eq. 7).\n"
+    "certificate: the largest change of a kept prompt's keys / values relative to their own size, measured now on "
+    "this model (a compact basis trades a small, bounded one for reach; the file stores the bound it promises).\n"
+    "concept change: how much the eraser changes its concept's keys / values, relative to their size."
+)
 
 
-def register(subparsers: Any) -> None:
-    parser = new_command(subparsers, "verify", __doc__, run,
-                         help="check erasers act on their concept and leak nowhere else")
-    add_model_options(parser, dtype=False, quiet=False)
+def register(parser: argparse.ArgumentParser, argv: Any = ()) -> None:
+    parser.set_defaults(func=run)
+    parser.epilog = LEGEND
+    add_model_options(parser, dtype=False)
     parser.add_argument("--erasers", nargs="+", required=True, help="eraser files or folders")
     parser.add_argument("--fused-model", help="a saved model that should equal base + the erasers' increments")
     parser.add_argument("--json", help="also write the full per-layer report here")
@@ -33,29 +39,44 @@ def register(subparsers: Any) -> None:
 
 
 def _print_reports(reports: list[dict[str, Any]], fused_report: dict[str, Any] | None, verbose: bool) -> None:
+    print(LEGEND + "\n")
     for report in reports:
         status = "ok" if report["ok"] else "FAIL: " + "; ".join(report["problems"])
         certificate = "-" if report["certificate"] is None else f"{report['certificate']:.2e}"
-        print(f"{report['name']:>20}  leak {report['worst_leak']:.2e}  certificate {certificate}  concept change "
-              f"{report['concept_change']:.2e}  {status}")
+        stored = report.get("stored_certificate")
+        promised = "" if stored is None else f" (file promises <= {stored:.2e})"
+        leak = f"{report['worst_leak']:.2e}" if report.get("separable", True) else "- (dense: not separable)"
+        print(f"{report['name']}  ({report['file']})\n    leak {leak}  certificate {certificate}{promised}  "
+              f"concept change {report['concept_change']:.2e}  {status}")
         if verbose:
             for layer, entry in report["layers"].items():
                 print(f"    {layer}: " + ", ".join(f"{k} {v:.2e}" for k, v in entry.items()))
     if fused_report is not None:
-        print(f"{'fused model':>20}  worst relative error {fused_report['worst_relative_error']:.2e}  "
+        print(f"fused model  ({fused_report['file']})\n    worst relative error "
+              f"{fused_report['worst_relative_error']:.2e}  "
               f"{'ok' if fused_report['ok'] else 'FAIL: weights are not base + increments'}")
 
 
 def run(args: argparse.Namespace) -> int:
-    pipe = load_pipeline(args.model, args.device, "float32")
-    erasers = [Eraser.load(p) for source in args.erasers for p in resolve_eraser_files(source)]
-    reports = [verify_eraser(pipe, e, min_effect=args.min_effect, max_leakage=args.max_leakage) for e in erasers]
+    from ..eraser import Eraser
+    from ..files import resolve_eraser_files
+    from ..verify import verify_eraser, verify_fused
+
+    pipe = load_model(args, dtype="float32")
+    paths = [Path(p) for source in args.erasers for p in resolve_eraser_files(source)]
+    reports = []
+    for path in paths:
+        report = verify_eraser(pipe, Eraser.load(path), min_effect=args.min_effect, max_leakage=args.max_leakage)
+        reports.append({**report, "file": str(path)})
     fused_report = None
     if args.fused_model:
-        fused_report = verify_fused(pipe, load_pipeline(args.fused_model, args.device, "float32"), erasers)
+        erasers = [Eraser.load(path) for path in paths]
+        fused = load_model(args, model=args.fused_model, dtype="float32")
+        fused_report = {**verify_fused(pipe, fused, erasers), "file": args.fused_model}
     _print_reports(reports, fused_report, args.verbose)
     if args.json:
         with open(args.json, "w") as stream:
             json.dump({"erasers": reports, "fused": fused_report}, stream, indent=2)
+        print(f"written: {args.json}")
     ok = all(r["ok"] for r in reports) and (fused_report is None or fused_report["ok"])
     return 0 if ok else 1

@@ -2,8 +2,8 @@
 
 Trains erasers for three demo styles in simultaneous mode (SepME1) on some phrasings of each
 (`TRAIN_TEMPLATES`), then measures, like the paper's Tables 3-4, every subset of the three, for all
-eight concepts, separately on: the exact training prompts (accuracy, LPIPS against the original
-model, drift of restored concepts), held-out paraphrases never used in training
+eight concepts, separately on: the exact training prompts (accuracy, image distance against the
+original model, drift of restored concepts), held-out paraphrases never used in training
 (`HELD_OUT_TEMPLATES`), and compositions with a concept of the other family ("a square by pimsa"),
 judged for both halves. Every image goes through one batched engine (`generate_batched`: prompts,
 seeds and erased subsets mixed in each pipeline call). Writes an image grid, `results.md` and
@@ -23,10 +23,10 @@ import torch
 from ..eraser import Eraser
 from ..evaluation import (
     EvalConcept,
-    LPIPSMetric,
     all_subsets,
     evaluate,
     image_grid,
+    image_metric,
     markdown_table,
     write_results,
 )
@@ -147,7 +147,7 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
 
         concepts = demo_concepts(ERASED, KEPT, seeds, train_templates, held_out_templates, composition_templates)
         results = evaluate(pipe, concepts, demo_classifier(), all_subsets(ERASED), steps=STEPS,
-                           guidance_scale=GUIDANCE, lpips=LPIPSMetric(), progress=progress, keep_images=True,
+                           guidance_scale=GUIDANCE, metric=image_metric(), progress=progress, keep_images=True,
                            batch_size=batch_size)
         images = results.pop("_images")
         columns = {"original": "original", **{f"{n} erased": n for n in ERASED}, "all erased": "+".join(ERASED),

@@ -2,15 +2,15 @@
 
 - ACC: a classifier's accuracy on images generated from each concept's prompts; erased
   concepts should fall, the others stay.
-- LPIPS (AlexNet) between the original model's image and the edited model's image for the same
-  prompt and seed. ImageNet AlexNet weights cannot be downloaded offline: then the real lpips
-  code runs with a randomly initialised AlexNet (`pnet_rand=True`) and the tables say so.
+- An image distance between the original model's image and the edited model's image for the same
+  prompt and seed: LPIPS (AlexNet) when the ImageNet AlexNet weights are given or cached, else 1-SSIM,
+  a pixel metric, under its own name (`image_metric`).
 - The restoration tables (3, 4, 5, 8) evaluate every subset of a set of erasers.
 
 | module | what it holds |
 |---|---|
 | `protocol` | `EvalConcept` (exact prompts, held-out paraphrases, compositions), subsets and scenarios, prompt files, `generate`, `evaluate` (all images through `generation.generate_batched`) |
-| `metrics` | `LPIPSMetric`, `dtheta_p` |
+| `metrics` | `image_metric` (`LPIPSMetric` or `SSIMDistance`), `dtheta_p` |
 | `tables`, `grids` | the markdown tables (one builder), results files, image grids |
 | `methods` | `evaluate_methods`: several methods' erasers side by side |
 | `classifiers`, `style_classifier` | classifier specs; the paper's ResNet18-head style classifier |
@@ -22,7 +22,7 @@ classifier and prompts in.
 from .classifiers import classifier_from_spec, torchvision_classifier
 from .grids import comparison_grid, image_grid
 from .methods import evaluate_methods
-from .metrics import LPIPSMetric, dtheta_p, to_tensor
+from .metrics import ImageMetric, LPIPSMetric, SSIMDistance, dtheta_p, image_metric, to_tensor
 from .protocol import (
     MEASURES,
     TEMPLATES,
@@ -54,7 +54,9 @@ __all__ = [
     "TEMPLATES",
     "Classify",
     "EvalConcept",
+    "ImageMetric",
     "LPIPSMetric",
+    "SSIMDistance",
     "all_subsets",
     "classifier_from_spec",
     "comparison_grid",
@@ -68,6 +70,7 @@ __all__ = [
     "generalisation_summary",
     "generate",
     "image_grid",
+    "image_metric",
     "load_style_classifier",
     "markdown_table",
     "scenario_subsets",

@@ -1,5 +1,5 @@
 """The evaluation protocol (paper Sec. 4.1, App. C-D): concepts and their prompts, the subsets of erasers
-evaluated (Tables 1-5), and `evaluate`: ACC, LPIPS and exact-prompt drift for the original model and
+evaluated (Tables 1-5), and `evaluate`: ACC, image distance and exact-prompt drift for the original model and
 every subset.
 """
 
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..generation import Job, canonical_jobs, generate_batched
 from ..loader import erasure_runtime
-from .metrics import LPIPSMetric, dtheta_p, to_tensor
+from .metrics import ImageMetric, dtheta_p, image_metric, to_tensor
 from .tables import generalisation_summary
 
 # classify(concept name, images) -> for each image, whether the classifier recognises the concept
@@ -135,10 +135,10 @@ def measurement_plan(concepts: Sequence[EvalConcept], states: Sequence[tuple[str
 
 @dataclass
 class _Tally:
-    """Accumulates hits, LPIPS and pixel changes window by window (the original images are kept for LPIPS)."""
+    """Accumulates hits, image distances and pixel changes window by window (the original images are kept)."""
 
     classify: Classify
-    lpips: LPIPSMetric
+    metric: ImageMetric
     keep: dict[str, str]  # concept -> its first exact prompt (images kept for grids)
     hits: dict[tuple[int, str, str], list[bool]] = field(default_factory=dict)
     distances: dict[tuple[int, str], list[float]] = field(default_factory=dict)
@@ -161,7 +161,7 @@ class _Tally:
                 if self.keep.get(use.concept) == job.prompt:
                     self.kept.setdefault((use.state, use.concept), []).append(image)
         if pairs:
-            distances = self.lpips([p[2] for p in pairs], [p[3] for p in pairs])
+            distances = self.metric([p[2] for p in pairs], [p[3] for p in pairs])
             changes = (to_tensor([p[2] for p in pairs]) - to_tensor([p[3] for p in pairs])).abs().amax(dim=(1, 2, 3))
             for (state, concept, _, _), distance, change in zip(pairs, distances, changes.tolist()):
                 self.distances.setdefault((state, concept), []).append(distance)
@@ -190,7 +190,7 @@ class _Tally:
                     entry[measure][c.name] = float(np.mean(found))
         if state > 0:
             measured = [c.name for c in concepts if (state, c.name) in self.distances]
-            entry["lpips"] = {name: float(np.mean(self.distances[(state, name)])) for name in measured}
+            entry["distance"] = {name: float(np.mean(self.distances[(state, name)])) for name in measured}
             entry["max_pixel_change"] = {name: self.change[(state, name)] for name in measured}
         return entry
 
@@ -202,29 +202,30 @@ def evaluate(
     subsets: Sequence[Sequence[str]],
     steps: int = 25,
     guidance_scale: float = 7.5,
-    lpips: LPIPSMetric | None = None,
+    metric: ImageMetric | None = None,
     progress: bool = True,
     keep_images: bool = False,
     batch_size: int = 32,
 ) -> dict[str, Any]:
-    """ACC (exact prompts, held-out paraphrases, compositions: both halves), LPIPS against the original and
+    """ACC (exact prompts, held-out paraphrases, compositions: both halves), the image distance
+    (`metric`: LPIPS with its weights, else 1-SSIM; `metrics.image_metric`) against the original and
     exact-prompt drift, for the original model and every subset of erasers.
 
     `pipe` must have the erasers loaded (`load_sepme`); its erased set is left as it was. Images are made by
     `generate_batched`, `batch_size` per pipeline call, prompts, seeds and subsets mixed; the classifier and
-    LPIPS run once per window of calls. Returns the `results.json` layout: `concepts`, `prompts`,
-    `original` and `subsets` (each with `erased`, the `MEASURES`, `lpips`, `max_pixel_change`, `dtheta_p`),
-    and `generation` (images, seconds, images per second).
+    image metric run once per window of calls. Returns the `results.json` layout: `concepts`, `prompts`,
+    `original` and `subsets` (each with `erased`, the `MEASURES`, `distance`, `max_pixel_change`, `dtheta_p`),
+    `image_metric` (its name and description) and `generation` (images, seconds, images per second).
     """
-    lpips = lpips or LPIPSMetric()
+    metric = metric or image_metric()
     runtime = erasure_runtime(pipe)
     loaded = runtime.erasers if runtime is not None else {}
     states = [()] + [canonical_jobs(pipe, [Job("", 0, tuple(s))])[0].erased for s in subsets]
     plan = measurement_plan(concepts, states)
     jobs = list(plan)
-    tally = _Tally(classify, lpips, {c.name: c.prompts[0] for c in concepts if c.prompts} if keep_images else {})
+    tally = _Tally(classify, metric, {c.name: c.prompts[0] for c in concepts if c.prompts} if keep_images else {})
     bar = tqdm(total=len(jobs), desc="evaluating", unit="img", disable=not progress)
-    window = batch_size * 4  # classifier and LPIPS calls over several pipeline calls' images
+    window = batch_size * 4  # classifier and image-metric calls over several pipeline calls' images
     started = time.monotonic()
     try:
         for start in range(0, len(jobs), window):
@@ -235,7 +236,8 @@ def evaluate(
         bar.close()
     seconds = time.monotonic() - started
     results: dict[str, Any] = {
-        "concepts": [c.name for c in concepts], "erasers": list(loaded), "lpips_backbone": lpips.backbone,
+        "concepts": [c.name for c in concepts], "erasers": list(loaded),
+        "image_metric": {"name": metric.name, "description": metric.description},
         "prompts": {c.name: {"exact": c.prompts, "held_out": c.paraphrases,
                              "compositions": [list(pair) for pair in c.compositions]} for c in concepts},
         "original": tally.entry(0, concepts), "subsets": [],

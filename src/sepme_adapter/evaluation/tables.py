@@ -21,8 +21,17 @@ def accuracy_cells(accuracy: dict[str, float], concepts: Sequence[str], erased: 
     return [f"**{accuracy[c]:.2f}**" if c in erased else f"{accuracy[c]:.2f}" for c in concepts]
 
 
-def metric_header(concepts: Sequence[str]) -> list[str]:
-    return [f"{c} ACC" for c in concepts] + [f"{c} LPIPS" for c in concepts]
+def metric_name(results: dict[str, Any]) -> str:
+    """The image metric's column label: "LPIPS" only when real LPIPS was measured."""
+    return results.get("image_metric", {}).get("name", "distance")
+
+
+def metric_note(results: dict[str, Any]) -> str:
+    return f"{metric_name(results)}: {results.get('image_metric', {}).get('description', 'image distance')}"
+
+
+def metric_header(concepts: Sequence[str], name: str = "distance") -> list[str]:
+    return [f"{c} ACC" for c in concepts] + [f"{c} {name}" for c in concepts]
 
 
 def _original_cells(results: dict[str, Any], concepts: Sequence[str]) -> list[str]:
@@ -30,7 +39,7 @@ def _original_cells(results: dict[str, Any], concepts: Sequence[str]) -> list[st
 
 
 def _subset_cells(entry: dict[str, Any], concepts: Sequence[str], erased: Iterable[str]) -> list[str]:
-    return accuracy_cells(entry["accuracy"], concepts, erased) + [f"{entry['lpips'][c]:.3f}" for c in concepts]
+    return accuracy_cells(entry["accuracy"], concepts, erased) + [f"{entry['distance'][c]:.3f}" for c in concepts]
 
 
 def _measure_table(results: dict[str, Any], measure: str, concepts: Sequence[str], title: str) -> list[str]:
@@ -127,7 +136,7 @@ def summary_table(results: dict[str, Any]) -> list[str]:
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The paper-style tables: exact prompts (ACC, LPIPS, restored drift), then held-out paraphrases,
+    """The paper-style tables: exact prompts (ACC, image distance, restored drift), then held-out paraphrases,
     compositions (both halves) and the generalisation summary, each with one row per erased subset."""
     concepts = results["concepts"]
     rows = [["(none: original)", *_original_cells(results, concepts), "-"]]
@@ -138,7 +147,7 @@ def markdown_table(results: dict[str, Any]) -> str:
         rows.append([", ".join(entry["erased"]), *_subset_cells(entry, concepts, entry["erased"]),
                      f"{max(restored):.1e}" if restored else "-"])
     lines = ["Exact prompts (the prompts the erasers were trained on):", "",
-             *table(["erased", *metric_header(concepts), "restored max pixel change"], rows)]
+             *table(["erased", *metric_header(concepts, metric_name(results)), "restored max pixel change"], rows)]
     if results["original"].get("paraphrase_accuracy"):
         lines += _measure_table(results, "paraphrase_accuracy", concepts,
                                 "Held-out paraphrases (phrasings never used in training):")
@@ -146,13 +155,13 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines += _composition_table(results, concepts)
     if results["original"].get("paraphrase_accuracy") or results["original"].get("composition_accuracy"):
         lines += summary_table(results)
-    lines += ["", f"LPIPS backbone: {results['lpips_backbone']}. Bold: erased concepts. Restored max pixel "
+    lines += ["", f"{metric_note(results)}. Bold: erased concepts. Restored max pixel "
               f"change: largest change (0-1 scale) of any image of a concept whose eraser is loaded but off."]
     return "\n".join(lines)
 
 
 def comparison_table(results: dict[str, Any]) -> str:
-    """One markdown table for all methods: ACC and LPIPS per concept, the worst pixel change of the concepts
+    """One markdown table for all methods: ACC and image distance per concept, the worst pixel change of the concepts
     left alone, `||dtheta||_p`, training seconds and peak memory (paper Tables 1-4 side by side)."""
     concepts = results["concepts"]
     rows = [["original", "-", *_original_cells(results, concepts), "-", "0", "-", "-"]]
@@ -164,9 +173,9 @@ def comparison_table(results: dict[str, Any]) -> str:
                      *_subset_cells(entry, concepts, erased), f"{max(others):.1e}" if others else "-",
                      f"{entry['dtheta_p']:.4g}", f"{entry.get('train_seconds', 0.0):.1f}",
                      "-" if peak is None else f"{peak:.0f}"])
-    lines = table(["method", "erased", *metric_header(concepts), "others max pixel change", "||dtheta||_p",
+    lines = table(["method", "erased", *metric_header(concepts, metric_name(results)), "others max pixel change", "||dtheta||_p",
                    "train s", "peak MB"], rows)
-    lines += ["", f"LPIPS backbone: {results['lpips_backbone']}. Bold: erased concepts. ||dtheta||_p = ||dtheta||_1 / M "
+    lines += ["", f"{metric_note(results)}. Bold: erased concepts. ||dtheta||_p = ||dtheta||_1 / M "
               "over the modified layers. Peak memory is measured on CUDA only ('-' on CPU). Dense erasers (G-CiRs, "
               "ESD, ablation, FMN, UCE) change other prompts too; only SepME's separable erasers keep their "
               "known prompts exact."]

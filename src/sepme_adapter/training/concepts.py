@@ -76,11 +76,21 @@ def read_concepts_csv(path: str | Path) -> list[Concept]:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"concepts file {str(path)!r} does not exist")
-    with open(path, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    if not rows or not {"name", "prompt"} <= set(rows[0]):
-        raise TrainingError(f"{path}: expected a CSV file with a header row 'name,prompt' and one row per prompt")
-    bad = [i + 2 for i, row in enumerate(rows) if not (row["name"] or "").strip() or not (row["prompt"] or "").strip()]
+    try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as stream:
+            reader = csv.reader(stream, skipinitialspace=True)
+            first = next(reader, [])
+            header = [column.strip().lower() for column in first]
+            rows = [dict(zip(header, row)) for row in reader if any(cell.strip() for cell in row)]
+    except UnicodeDecodeError as error:
+        raise TrainingError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8 "
+                            f"CSV") from None
+    if not {"name", "prompt"} <= set(header):
+        found = f"its first row is {','.join(first)!r}" if first else "it is empty"
+        raise TrainingError(f"{path}: expected a header row 'name,prompt' and one row per prompt, but {found}")
+    if not rows:
+        raise TrainingError(f"{path}: the header 'name,prompt' is followed by no rows")
+    bad = [i + 2 for i, row in enumerate(rows) if not row.get("name", "").strip() or not row.get("prompt", "").strip()]
     if bad:
         raise TrainingError(f"{path}: rows {bad} have an empty name or prompt")
     return merge_concepts([Concept(row["name"].strip(), row["prompt"].strip()) for row in rows])

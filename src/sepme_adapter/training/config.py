@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import TrainingError
@@ -13,10 +13,31 @@ MODES = ("simultaneous", "separate", "iterative", "gcirs")
 STOP_STATISTICS = ("rho", "l_cor")
 
 
+def setting(default: Any, flag: str | None = None, help: str = "", group: str = "advanced",
+            choices: Sequence[str] | None = None) -> Any:
+    """A config field that declares its command-line flag in `dataclasses.field(metadata=...)`:
+
+    - `flag`: the descriptive name (`--step-size`); the field name (`--eta`) stays a hidden alias.
+    - `help`: what it does in the user's words, with the paper's symbol in parentheses.
+    - `group`: "common" (shown first) or "advanced".
+    - `choices`: the allowed values of a text field.
+    The flag's type comes from the annotation (`int | None` -> int, `bool` -> --name / --no-name).
+    """
+    metadata = {"flag": flag, "help": help, "group": group}
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters. The defaults need no tuning per model (`calibration.py`); `TrainConfig.paper()` gives
     the paper's SD v1.4 values (Sec. 4.2 Implementation Details), which learn nothing on other models.
+
+    Every field is a `sepme erase` flag. Declare a new one with its flag, help and group, e.g.
+    `eta: float = setting(1e-2, "--step-size", "how much one step may change ... (eta)", "common")`
+    (`setting` above; text fields add `choices=(...)`). A field without them still gets a flag
+    (`--field-name`), but `tests/test_cli_flags.py` fails until it has its help.
 
     Attributes:
         lr: Adam learning rate for the weight-decoupled `w`s (SepME); None = scale-free per layer from `eta`.
@@ -65,29 +86,57 @@ class TrainConfig:
             Ignored on SD v1 / v2.
     """
 
-    lr: float | None = None
-    eta: float = 1e-2
-    gcirs_lr: float | None = None
-    beta: float = 1.0
-    lam: float = 0.0
-    tau: float = -0.25
-    alpha: float = 0.9
-    patience: int = 10
-    stop_on: str = "rho"
-    max_iterations: int = 400
-    warmup: int = 10
-    seed: int = 0
-    images_per_concept: int = 8
-    reference_steps: int = 50
-    guidance_scale: float = 7.5
-    ddim_steps: int = 50
-    rtol: float | None = None
-    max_leakage: float | None = None
-    checkpoint_every: int = 50
-    concepts_per_pass: int = 0
-    rank: int | None = None
-    protect_templates: bool = False
-    pooled_increment: bool = True
+    lr: float | None = setting(None, "--learning-rate", "Adam learning rate of the eraser weights w (paper: "
+                               "lr 1e-2); default: none, a scale-free rate per layer from --step-size")
+    eta: float = setting(1e-2, "--step-size", "how much one training step may change the concept's keys and "
+                         "values, relative to each layer's weights (eta); used unless --learning-rate is "
+                         "given", "common")
+    gcirs_lr: float | None = setting(None, "--gcirs-learning-rate", "Adam learning rate of the dense G-CiRs "
+                                     "increments (paper: 1e-6); default: none, --step-size times each "
+                                     "layer's RMS weight")
+    beta: float = setting(1.0, "--increment-scale", "fixed scale of each increment, dW = beta * w S_p^T "
+                          "(beta, Eq. 10); with the scale-free step only a storage scale: 1 keeps w safe in "
+                          "float16 (paper: 1e-4)")
+    lam: float = setting(0.0, "--l1-weight", "weight of the L1 penalty on the eraser weights, ||w||_1 / M "
+                         "(lambda, Eq. 11); larger gives sparser, smaller increments (paper: 3e-5)", "common")
+    tau: float = setting(-0.25, "--stop-below", "stop once the smoothed stop statistic is at or below this "
+                         "(tau, Eq. 4); rho starts at 1 and erasing drives it negative (paper, with l_cor: "
+                         "0)", "common")
+    alpha: float = setting(0.9, "--momentum", "smoothing of the stop statistic, in [0, 1): higher reacts "
+                           "more slowly (alpha, Eq. 4)")
+    patience: int = setting(10, "--patience", "iterations the smoothed statistic must stay at or below "
+                            "--stop-below before training stops")
+    stop_on: str = setting("rho", "--stop-statistic", "what the momentum stop watches: rho (relative "
+                           "correlation, 1 before training) or l_cor (the paper's weighted correlation loss, "
+                           "with --stop-below 0)", choices=STOP_STATISTICS)
+    max_iterations: int = setting(400, "--max-iterations", "at most this many training steps per concept; an "
+                                  "eraser that reaches it without meeting its stop is reported with a "
+                                  "warning", "common")
+    warmup: int = setting(10, "--warmup", "iterations before the stop check starts")
+    seed: int = setting(0, "--seed", "seed of the reference images, timesteps and noise", "common")
+    images_per_concept: int = setting(8, "--images-per-concept", "reference images x_0 generated per concept "
+                                      "prompt (more: slower, steadier training)", "common")
+    reference_steps: int = setting(50, "--reference-steps", "sampler steps used to generate each reference "
+                                   "image")
+    guidance_scale: float = setting(7.5, "--guidance-scale", "classifier-free guidance of the reference "
+                                    "images")
+    ddim_steps: int = setting(50, "--ddim-steps", "training timesteps are drawn from this many DDIM steps")
+    rtol: float | None = setting(None, "--basis-tolerance", "relative singular-value cut-off of the "
+                                 "null-space basis; default: float32 round-off")
+    max_leakage: float | None = setting(None, "--max-leakage", "largest share of each excluded prompt's "
+                                        "energy the basis may touch (0: exact null space only; default: "
+                                        "chosen per concept, the bound is measured and stored as the "
+                                        "certificate)")
+    checkpoint_every: int = setting(50, "--checkpoint-every", "iterations between resumable checkpoints in "
+                                    "OUT/checkpoints (see --resume)")
+    concepts_per_pass: int = setting(0, "--concepts-per-pass", "concepts trained per UNet pass: 0 all at "
+                                     "once (fastest), 1 lowest peak memory; results are identical")
+    rank: int | None = setting(None, "--rank", "LoRA rank r of each eraser (w = B A, small files); default: "
+                               "full rank", "common")
+    protect_templates: bool = setting(False, "--protect-templates", "also keep the shared phrasings ('in the "
+                                      "style of' ...) exact, so an eraser acts through the name only")
+    pooled_increment: bool = setting(True, "--pooled-increment", "SDXL: also give each eraser its increment "
+                                     "on the pooled text embedding (add_embedding); ignored on SD v1 / v2")
 
     @classmethod
     def paper(cls, **overrides: Any) -> TrainConfig:

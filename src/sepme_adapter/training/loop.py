@@ -105,7 +105,19 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
             apply_step(result, dense, config)
             record(result, time.monotonic() - started, config.stop_on)
             bar.update(1)
-            bar.set_postfix({t.concept.name: f"rho {t.relative[-1]:+.2f}/{t.stop.value:+.2f}" for t in result.owners})
+def progress_text(track: ConceptTrack, config: TrainConfig) -> str:
+    """The progress bar's view of one concept: where its stop statistic is, and the target that stops it,
+    e.g. `rho +0.52 (avg +0.80) -> <= -0.25`."""
+    if getattr(track, "probes", None) is not None:  # the probe stop: fixed probes every few iterations
+        history = track.probe_history
+        shown = f"probe rho {history[-1]['rho']:+.2f}" if history else f"rho {track.relative[-1]:+.2f}, probe rho"
+        return f"{shown} -> <= {config.erase_to:+.2f}"
+    statistic = "rho" if config.stop_on == "rho" else "l_cor"
+    value = track.relative[-1] if config.stop_on == "rho" else track.history[-1]
+    return f"{statistic} {value:+.2f} (avg {track.stop.value:+.2f}) -> <= {config.tau:+.2f}"
+
+
+            bar.set_postfix({t.concept.name: progress_text(t, config) for t in result.owners})
             checkpoints.save_if_due(result.owners[0].stop.steps)
     except BaseException:
         checkpoints.save()
