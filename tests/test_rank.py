@@ -29,7 +29,8 @@ from .helpers import (
 SUBSETS = [list(s) for r in range(1, 4) for s in itertools.combinations(CONCEPTS, r)]
 PAIRS = [f"{n}={p}" for n, p in CONCEPTS.items()]
 # as tests/test_training.py: a random-weight UNet barely listens to its text, so a large beta
-QUICK = dict(images_per_concept=2, reference_steps=2, lr=0.1, beta=0.1, max_iterations=8, warmup=2, rank=2)
+QUICK = dict(images_per_concept=2, reference_steps=2, lr=0.1, beta=0.1, max_iterations=8, warmup=2, rank=2,
+             basis="exact")  # rank r < the basis dimensions (a contrastive basis has 2: full rank is already small)
 
 
 @pytest.fixture(scope="module")

@@ -182,7 +182,7 @@ def test_a_concept_given_as_several_prompts_trains_on_all_of_them_and_its_file_r
     assert len(list(tmp_path.iterdir())) == 4
     record = by_name["vangogh"].metadata["certificate"]
     assert record["prompts"] == 1 + 2 and record["max_leakage"] <= 1e-5  # exact basis: round-off only
-    assert by_name["vangogh"].metadata["basis"]["kind"] == "exact"
+    assert by_name["vangogh"].metadata["basis"]["kind"] == "exact+contrastive"  # inside the exact null space
 
 
 def test_the_report_has_json_and_a_loss_curve_png(pipe, references, tmp_path):

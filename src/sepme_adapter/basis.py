@@ -137,9 +137,11 @@ class BasisChoice:
     basis: torch.Tensor
     kind: str
     bound: float
+    contrasts: tuple[float, ...] = ()  # contrastive basis: concept / retain energy of each kept direction
 
     def describe(self) -> dict[str, object]:
-        return {"kind": self.kind, "dimensions": int(self.basis.shape[1]), "energy_bound": self.bound}
+        described = {"kind": self.kind, "dimensions": int(self.basis.shape[1]), "energy_bound": self.bound}
+        return described | ({"contrasts": list(self.contrasts)} if self.contrasts else {})
 
 
 def reach(concept: torch.Tensor | Sequence[torch.Tensor], basis: torch.Tensor) -> float:
@@ -190,3 +192,43 @@ def _automatic_compact(embeddings: torch.Tensor | Sequence[torch.Tensor],
         candidates = [c for c in candidates if reach(concept, c[0]) >= enough] or candidates[-1:]
     basis, bound = candidates[0]
     return BasisChoice(basis, "compact", bound)
+
+
+def energy_gram(prompts: Sequence[torch.Tensor], basis: torch.Tensor) -> torch.Tensor:
+    """`mean_c (c S)^T (c S) / ||c||_F^2` over the prompts (each `L x d`): their average energy per direction of
+    `basis` (`m x m`, float64), every prompt weighted alike whatever its norm."""
+    basis = basis.double()
+    gram = torch.zeros(basis.shape[1], basis.shape[1], dtype=torch.float64)
+    for rows in prompts:
+        rows = stack_embeddings(rows)
+        projected = rows @ basis / rows.norm().clamp_min(1e-300)
+        gram += projected.T @ projected
+    return gram / max(len(prompts), 1)
+
+
+CONTRAST_RIDGE = 1e-3  # retain energy floor, relative to its mean per direction (directions nobody uses)
+
+
+def contrastive_basis(exact: torch.Tensor, concept: Sequence[torch.Tensor], retain: Sequence[torch.Tensor],
+                      dimensions: int, contexts: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[float]]:
+    """The `dimensions` directions inside the exact null space `exact` (Eq. 8, `d x m`) that the concept's prompts
+    use most relative to the retain prompts: the top generalised eigenvectors of `S0^T C_c^T C_c S0` against
+    `S0^T C_r^T C_r S0` (each prompt at unit norm), orthonormalised. An increment on this basis stays exact on
+    the excluded prompts (it lies inside `exact`) and reaches the retain distribution as little as it can for
+    what it reaches of the concept. `contexts` (the name said in other prompts) weigh as much as the concept's
+    own prompts, so the directions follow the name wherever it is said. Returns the basis (`d x dimensions`, float32) and the contrasts
+    (concept energy / retain energy) of the kept directions, largest first."""
+    m = exact.shape[1]
+    if dimensions >= m or not retain:
+        return exact.to(torch.float32), []
+    wanted = energy_gram(concept, exact)
+    if contexts:
+        wanted = (wanted + energy_gram(contexts, exact)) / 2
+    avoided = energy_gram(retain, exact)
+    avoided += CONTRAST_RIDGE * torch.trace(avoided) / m * torch.eye(m, dtype=torch.float64)
+    lower = torch.linalg.cholesky(avoided)
+    whiten = torch.linalg.solve_triangular(lower, torch.eye(m, dtype=torch.float64), upper=False)
+    values, vectors = torch.linalg.eigh(whiten @ wanted @ whiten.T)
+    directions = whiten.T @ vectors[:, -dimensions:].flip(1)
+    q, _ = torch.linalg.qr(exact.double() @ directions)
+    return q.to(torch.float32).contiguous(), [float(v) for v in values.flip(0)[:dimensions]]

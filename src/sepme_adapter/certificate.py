@@ -1,4 +1,4 @@
-"""The leakage certificate every eraser carries (DESIGN.md): how far it moves the prompts it must keep.
+"""The certificates every eraser carries: leakage (the prompts it must keep) and collateral (prompts nobody listed).
 
 For an eraser with increment `dW_l = beta * w_l @ S_p^T` (Eq. 10) and its excluded prompts (blank,
 known concepts' prompts, protected prompts; each an `L x d_in` embedding `c`), the certificate is
@@ -54,6 +54,32 @@ def leakage_certificate(pipe: Any, eraser: Eraser, prompts: list[str] | None = N
         if float(changes[index]) >= worst:
             worst, worst_prompt, worst_layer = float(changes[index]), prompts[index], layer
     return {"max_leakage": worst, "worst_prompt": worst_prompt, "worst_layer": worst_layer,
+            "prompts": len(prompts)}
+
+
+@torch.no_grad()
+def collateral_certificate(pipe: Any, eraser: Eraser, prompts: list[str] | None = None,
+                           original_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """The collateral certificate: how far `eraser` moves prompts nobody listed. For each prompt (default: the
+    held-out retain prompts stored in the eraser, `eraser.metadata["collateral"]["held_out"]`, never used in
+    training) the largest relative `attn2` key / value change over layers, `max_l ||c dW_l^T|| / ||c W_l^T||`;
+    returns their median and max, the worst prompt and the count. Unlike the leakage certificate (exact
+    prompts, ~1e-7) this is a measured size, not a bound: it says how much of the increment unlisted prompts
+    see."""
+    if prompts is None:
+        prompts = list((eraser.metadata.get("collateral") or {}).get("held_out") or [])
+    if not prompts:
+        return {"median": None, "max": None, "worst_prompt": None, "prompts": 0}
+    texts = encode_prompts_pooled(pipe, prompts)[0].double()
+    worst = torch.zeros(len(prompts), dtype=torch.float64)
+    for layer in sorted(eraser.weights):
+        if not layer.endswith(("to_k", "to_v")):
+            continue
+        weight = (original_weights or {}).get(layer)
+        weight = (layer_weight(pipe.unet, layer) if weight is None else weight).detach().double().cpu()
+        worst = torch.maximum(worst, relative_change(texts, eraser.delta(layer).double(), weight))
+    index = int(worst.argmax())
+    return {"median": float(worst.median()), "max": float(worst[index]), "worst_prompt": prompts[index],
             "prompts": len(prompts)}
 
 

@@ -218,8 +218,13 @@ def model_card(
     lines.append("")
     for file_name, e in entries:
         certificate = "not measured" if e.certificate is None else f"{e.certificate:.2e}"
+        collateral = e.metadata.get("collateral") or {}
+        collateral_line = ("- collateral certificate: not measured" if collateral.get("max") is None else
+                           f"- collateral certificate (relative key / value change of {collateral.get('prompts')} held-out "
+                           f"unlisted prompts): median {collateral['median']:.2e}, max {collateral['max']:.2e}")
         lines += [f"### {e.name}", "", f"- file: `{file_name}`",
                   f"- rank {e.rank or 'full'}, file size {_megabytes(file_size(e))}, leakage certificate {certificate}",
+                  collateral_line,
                   *(f"- prompt: {p!r}" for p in e.prompts),
                   f"- base model: {e.metadata.get('base_model') or 'unknown'}"]
         lines += [f"- known concept {k!r}: {'; '.join(map(repr, ps))}" for k, ps in e.known.items()]

@@ -274,6 +274,8 @@ class SepMELoaderMixin:
                 "protected": list(e.protected), "separable": e.separable, "erased": name in runtime.active,
                 "beta": e.beta, "rank": e.rank, "base_model": e.metadata.get("base_model"),
                 "basis": e.metadata.get("basis"), "certificate": e.certificate, "pooled": e.has_pooled,
+                "collateral": {k: v for k, v in (e.metadata.get("collateral") or {}).items() if k != "held_out"}
+                or None,
             }
             for name, e in runtime.erasers.items()
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .certificate import leakage_certificate
+from .certificate import collateral_certificate, leakage_certificate
 from .eraser import Eraser
 from .text import encode_prompts
 from .unet import POOLED_LAYER, base_linear
@@ -27,7 +27,7 @@ MIN_EFFECT = 1e-3
 
 
 def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT,
-                  max_leakage: float | None = None) -> dict[str, Any]:
+                  max_leakage: float | None = None, max_collateral: float | None = None) -> dict[str, Any]:
     """Per-layer leakage and effect of one eraser on the pipeline's base weights.
 
     The effect is judged relative to the model's own scale: `concept_change` is
@@ -35,6 +35,8 @@ def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT,
     (`to_k` / `to_v`) and the concept's prompts `c`, counting only the token rows that differ from
     the blank prompt's (the start token's row is the same for every prompt and no increment may
     change it). An eraser with `concept_change < min_effect` fails: it does nothing measurable.
+    `max_collateral`: also fail when the collateral certificate re-measured now (the largest relative key / value
+    change of the held-out unlisted prompts stored in the file) is above it.
     """
     concept_prompts = list(eraser.prompts or [eraser.prompt])
     prompts = {"blank": [""], "known": [p for ps in eraser.known.values() for p in ps],
@@ -78,8 +80,18 @@ def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT,
         problems.append(f"blank / known / protected prompts leak {worst_leak:.2e} > {LEAK_TOLERANCE:.0e}")
     certificate = leakage_certificate(pipe, eraser)["max_leakage"] if eraser.separable else None
     problems += certificate_problems(eraser, certificate, max_leakage)
+    collateral = collateral_certificate(pipe, eraser) if eraser.separable else {"max": None, "median": None}
+    if max_collateral is not None:
+        if collateral["max"] is None:
+            problems.append("the file has no held-out prompts to measure collateral on (trained before the "
+                            "collateral certificate existed); retrain it to check --max-collateral")
+        elif collateral["max"] > max_collateral:
+            problems.append(f"collateral {collateral['max']:.2e} > --max-collateral {max_collateral:g}: unlisted prompts "
+                            f"(worst {collateral['worst_prompt']!r}) move that much; retrain with a lower "
+                            f"max_collateral or fewer basis dimensions")
     return {"name": eraser.name, "separable": eraser.separable, "worst_leak": worst_leak,
             "certificate": certificate, "stored_certificate": eraser.certificate,
+            "collateral_max": collateral["max"], "collateral_median": collateral["median"],
             "concept_change": concept_change, "min_effect": min_effect,
             "largest_concept_change": max((e.get("concept_change", 0.0) for e in layers.values()), default=0.0),
             "ok": not problems, "problems": problems, "layers": layers}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,21 @@ class Concept:
         if kind not in TEMPLATES:
             raise TrainingError(f"templates must be one of {sorted(TEMPLATES)}, got {kind!r}")
         return cls(name, prompts=tuple(t.format(word or name) for t in TEMPLATES[kind]))
+
+
+def derived_phrasings(concept: Concept, keep: Callable[[str], bool] = lambda prompt: True) -> Concept:
+    """One prompt is enough to start: a concept given by one prompt that spells its name also gets the name in
+    the standard templates (`TEMPLATES`) of its kind, the kind read off the prompt (its stem is an object or a
+    style template's), both kinds when the stem is neither. A concept with several prompts, or whose prompt does
+    not spell its name, is returned as it is."""
+    if len(concept.prompts) != 1 or concept.name.lower() not in concept.prompt.lower():
+        return concept
+    index = concept.prompt.lower().index(concept.name.lower())
+    word = concept.prompt[index: index + len(concept.name)]
+    stem = " ".join((concept.prompt[:index] + "{}" + concept.prompt[index + len(word):]).split())
+    kinds = [kind for kind, templates in TEMPLATES.items() if stem in templates] or list(TEMPLATES)
+    derived = [t.format(word) for k in kinds for t in TEMPLATES[k]]
+    return Concept(concept.name, prompts=(concept.prompt, *(p for p in derived if keep(p))))
 
 
 def template_stems(concepts: Sequence[Concept]) -> list[str]:

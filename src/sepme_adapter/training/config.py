@@ -11,6 +11,9 @@ from ..errors import TrainingError
 
 MODES = ("simultaneous", "separate", "iterative", "gcirs")
 STOP_STATISTICS = ("rho", "l_cor")
+BASES = ("exact", "contrastive")  # the paper's null space (Eq. 8), or its most concept-specific directions
+OBJECTIVES = ("correlation", "target")  # Eq. 2, or a bounded target D(c, theta + dW) = -g D(c, theta)
+STOPS = ("probe", "momentum")  # fixed probes every k iterations, or the momentum statistic (Eq. 4)
 
 
 def setting(default: Any, flag: str | None = None, help: str = "", group: str = "advanced",
@@ -137,22 +140,44 @@ class TrainConfig:
                                       "style of' ...) exact, so an eraser acts through the name only")
     pooled_increment: bool = setting(True, "--pooled-increment", "SDXL: also give each eraser its increment "
                                      "on the pooled text embedding (add_embedding); ignored on SD v1 / v2")
+    # containment: erase the concept, leave every prompt nobody listed alone (`retain.py`)
+    basis: str = "contrastive"
+    basis_dimensions: int = 2
+    containment: float = 1.0
+    objective: str = "correlation"
+    negative_guidance: float = 1.0
+    stop: str = "probe"
+    probe_every: int = 10
+    probe_size: int = 16
+    erase_to: float = -0.25
+    max_collateral: float | None = None
+    retain_vocabulary: int = 400
+    retain_stems: int = 60
+    derive_phrasings: bool = False
+    name_contexts: int = 60
+    context_share: float = 0.0
 
     @classmethod
     def paper(cls, **overrides: Any) -> TrainConfig:
         """The paper's SD v1.4 settings: Adam lr 1e-2 (G-CiRs 1e-6), beta 1e-4, lambda 3e-5, stop when the
         momentum of `L_cor` reaches 0, at most 1000 iterations (`sepme erase --preset paper`)."""
         settings = dict(lr=1e-2, gcirs_lr=1e-6, beta=1e-4, lam=3e-5, tau=0.0, patience=1, stop_on="l_cor",
-                        max_iterations=1000)
+                        max_iterations=1000, basis="exact", containment=0.0, objective="correlation",
+                        stop="momentum", derive_phrasings=False)
         return cls(**{**settings, **overrides})
 
     def validate(self) -> None:
         """Refuse NaN, infinite or out-of-range values before any work starts."""
+        for name, allowed in (("basis", BASES), ("objective", OBJECTIVES), ("stop", STOPS)):
+            if getattr(self, name) not in allowed:
+                raise TrainingError(f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.stop_on not in STOP_STATISTICS:
             raise TrainingError(f"TrainConfig.stop_on must be one of {STOP_STATISTICS}, got {self.stop_on!r}")
         check_numbers(self, positive=("lr", "eta", "gcirs_lr", "beta", "max_iterations", "images_per_concept",
-                                      "reference_steps", "ddim_steps", "checkpoint_every", "patience"),
-                      non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass"))
+                                      "reference_steps", "ddim_steps", "checkpoint_every", "patience",
+                                      "basis_dimensions", "probe_every", "probe_size", "max_collateral"),
+                      non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass", "containment",
+                                    "negative_guidance", "retain_vocabulary", "retain_stems", "name_contexts", "context_share"))
         if not 0 <= self.alpha < 1:
             raise TrainingError(f"TrainConfig.alpha must be in [0, 1), got {self.alpha!r}")
         if self.max_leakage is not None and not 0 <= self.max_leakage < 1:

@@ -22,6 +22,7 @@ from ..loader import erasure_runtime
 from ..text import default_time_ids, uses_added_conditions
 from .checkpoints import save_checkpoint
 from .config import TrainConfig
+from .containment import Probes
 from .harness import gradients_finite, noise_schedule
 from .steps import StepResult, decoupled_step, dense_step, sample_batch
 from .track import ConceptTrack
@@ -69,6 +70,30 @@ def apply_step(result: StepResult, dense: bool, config: TrainConfig) -> None:
         owner.optimizer.step()
 
 
+def probe_check(unet: Any, runtime: Any, track: ConceptTrack, config: TrainConfig) -> None:
+    """The probe stop, every `probe_every` iterations after warm-up (`training/containment.py`): stop once the
+    probes' rho is at or below `erase_to`; if the held-out collateral passed `max_collateral`, return to the
+    increments of the last check and stop there."""
+    steps = track.stop.steps
+    if track.probes is None or steps <= config.warmup or steps % config.probe_every:
+        return
+    rho = track.probes.rho(unet, runtime, track.concept.name)
+    collateral = track.collateral.summary(track.eraser) if track.collateral is not None else None
+    track.probe_history.append({"step": steps, "rho": rho, **({} if collateral is None else {
+        "collateral_median": collateral["median"], "collateral_max": collateral["max"]})})
+    if config.max_collateral is not None and collateral is not None and collateral["max"] > config.max_collateral:
+        if track.snapshot is not None:
+            with torch.no_grad():
+                for name, value in track.snapshot.items():
+                    track.parameter(name).copy_(value)
+        track.done, track.stop_reason = True, "collateral bound"
+    elif rho <= config.erase_to:
+        track.done = track.stopped_early = True
+        track.stop_reason = "erased"
+    else:
+        track.snapshot = {name: p.detach().clone() for name, p in track.named_parameters()}
+
+
 def record(result: StepResult, seconds: float, stop_on: str) -> None:
     """Append each owner's loss, rho and regulariser, and let its momentum stop (Eq. 4) decide on `stop_on`."""
     for track, value, regulariser, rho in zip(result.owners, result.recorded, result.regularisers, result.relatives):
@@ -76,8 +101,20 @@ def record(result: StepResult, seconds: float, stop_on: str) -> None:
         track.relative.append(rho)
         track.regulariser.append(regulariser)
         track.seconds += seconds / len(result.owners)
-        if track.stop.update(rho if stop_on == "rho" else value):
+        if track.stop.update(rho if stop_on == "rho" else value) and track.probes is None:
             track.done = track.stopped_early = True
+
+
+def progress_text(track: ConceptTrack, config: TrainConfig) -> str:
+    """The progress bar's view of one concept: where its stop statistic is, and the target that stops it,
+    e.g. `rho +0.52 (avg +0.80) -> <= -0.25`."""
+    if getattr(track, "probes", None) is not None:  # the probe stop: fixed probes every few iterations
+        history = track.probe_history
+        shown = f"probe rho {history[-1]['rho']:+.2f}" if history else f"rho {track.relative[-1]:+.2f}, probe rho"
+        return f"{shown} -> <= {config.erase_to:+.2f}"
+    statistic = "rho" if config.stop_on == "rho" else "l_cor"
+    value = track.relative[-1] if config.stop_on == "rho" else track.history[-1]
+    return f"{statistic} {value:+.2f} (avg {track.stop.value:+.2f}) -> <= {config.tau:+.2f}"
 
 
 def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainConfig, blank: torch.Tensor,
@@ -94,6 +131,13 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
     checkpoints = Checkpoints(checkpoint_dir, tracks, "dense" if dense else "wd", config)
     bar = tqdm(total=config.max_iterations, desc=description, disable=not progress, leave=False,
                initial=max(t.stop.steps for t in tracks))
+    if config.stop == "probe" and not dense:
+        for track in tracks:
+            if track.probes is None:
+                track.probes = Probes.draw(unet, runtime, track.latents, track.embedding, blank, alphas_cumprod,
+                                           config.ddim_steps, config.probe_size, track.probe_seed, track.pooled,
+                                           blank_pooled, time_ids, track.contexts if config.context_share else None)
+                track.snapshot = {name: p.detach().clone() for name, p in track.named_parameters()}
     try:
         while live := live_tracks(tracks, dense, config):
             started = time.monotonic()
@@ -104,19 +148,9 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
                 result = decoupled_step(unet, runtime, live, batch, config)
             apply_step(result, dense, config)
             record(result, time.monotonic() - started, config.stop_on)
+            for track in result.owners:
+                probe_check(unet, runtime, track, config)
             bar.update(1)
-def progress_text(track: ConceptTrack, config: TrainConfig) -> str:
-    """The progress bar's view of one concept: where its stop statistic is, and the target that stops it,
-    e.g. `rho +0.52 (avg +0.80) -> <= -0.25`."""
-    if getattr(track, "probes", None) is not None:  # the probe stop: fixed probes every few iterations
-        history = track.probe_history
-        shown = f"probe rho {history[-1]['rho']:+.2f}" if history else f"rho {track.relative[-1]:+.2f}, probe rho"
-        return f"{shown} -> <= {config.erase_to:+.2f}"
-    statistic = "rho" if config.stop_on == "rho" else "l_cor"
-    value = track.relative[-1] if config.stop_on == "rho" else track.history[-1]
-    return f"{statistic} {value:+.2f} (avg {track.stop.value:+.2f}) -> <= {config.tau:+.2f}"
-
-
             bar.set_postfix({t.concept.name: progress_text(t, config) for t in result.owners})
             checkpoints.save_if_due(result.owners[0].stop.steps)
     except BaseException:

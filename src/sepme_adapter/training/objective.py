@@ -27,6 +27,14 @@ def relative_correlation(original: torch.Tensor, edited: torch.Tensor) -> torch.
     return (original * edited).sum(1) / original.pow(2).sum(1).clamp_min(1e-30)
 
 
+def target_loss(original: torch.Tensor, edited: torch.Tensor, guidance: float) -> torch.Tensor:
+    """A bounded alternative to Eq. 2 (ESD's negative guidance): `||D(c, theta + dW) + g D(c, theta)||^2 /
+    ||D(c, theta)||^2` per batch row, smallest when the concept's guidance direction is reversed with strength `g`
+    (0: the concept prompt acts like the blank one). Unlike the correlation it cannot be pushed without bound."""
+    original = original.flatten(1).detach()
+    return (edited.flatten(1) + guidance * original).pow(2).sum(1) / original.pow(2).sum(1).clamp_min(1e-30)
+
+
 def balance_weights(losses: Sequence[float]) -> list[float]:
     """Eq. 3: `eta_i = |L_cor(c_1)| / |L_cor(c_i)|` (detached), balancing concepts."""
     first = abs(float(losses[0]))

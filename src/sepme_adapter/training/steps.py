@@ -17,7 +17,7 @@ from ..runtime import ErasureRuntime
 from ..text import added_conditions
 from .config import TrainConfig
 from .harness import compute_dtype, noisy_latents
-from .objective import balance_weights, correlation_loss, l1_norm_per_layer, relative_correlation
+from .objective import balance_weights, correlation_loss, l1_norm_per_layer, relative_correlation, target_loss
 from .track import ConceptTrack
 
 
@@ -68,6 +68,16 @@ def _concept_and_blank(unet, x_t: torch.Tensor, timesteps: torch.Tensor, concept
     return sample.sample.to(compute_dtype(unet.dtype))
 
 
+def text_row(track: ConceptTrack, index: int, config: TrainConfig) -> torch.Tensor:
+    """The text a sample is paired with: its prompt's embedding, or with probability `context_share` the concept's
+    name said in a random context (`retain.py`), so the increment learns the name wherever it is said."""
+    if track.contexts is None or not config.context_share:
+        return track.embedding[index]
+    if float(torch.rand((), generator=track.generator)) >= config.context_share:
+        return track.embedding[index]
+    return track.contexts[int(torch.randint(len(track.contexts), (1,), generator=track.generator))]
+
+
 def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], blank: torch.Tensor,
                  alphas_cumprod: torch.Tensor, config: TrainConfig, blank_pooled: torch.Tensor | None = None,
                  time_ids: torch.Tensor | None = None) -> Batch:
@@ -80,7 +90,7 @@ def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], bl
     x_t = torch.cat([s[0] for s in samples])
     timesteps = torch.tensor([s[1] for s in samples], device=device)
     # each reference image pairs with the embedding of the prompt it was made from
-    concept_text = torch.stack([t.embedding[s[2]] for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
+    concept_text = torch.stack([text_row(t, s[2], config) for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
     blank_text = blank.expand(len(live), -1, -1)
     pooled = None
     if blank_pooled is not None and time_ids is not None:
@@ -123,7 +133,15 @@ def _decoupled_pass(unet, runtime: ErasureRuntime, part: Sequence[ConceptTrack],
     losses = correlation_loss(batch.original[rows], direction)
     relatives = [float(r) for r in relative_correlation(batch.original[rows], direction)]
     regularisers = [l1_norm_per_layer(t.parameters) for t in part]
-    objective = sum(losses[i] + config.lam * regularisers[i] for i in range(len(part)))
+    trained = losses
+    if config.objective == "target":
+        trained = target_loss(batch.original[rows], direction, config.negative_guidance)
+    elif config.containment > 0:  # the correlation on the scale of rho, so the containment weight is unit-free
+        trained = losses / batch.original[rows].flatten(1).pow(2).mean(1).detach().clamp_min(1e-30)
+    objective = sum(trained[i] + config.lam * regularisers[i] for i in range(len(part)))
+    if config.containment > 0:
+        objective = objective + config.containment * sum(
+            t.retain_energy.penalty(t.eraser) for t in part if t.retain_energy is not None)
     objective.backward()  # disjoint parameters: per-pass gradients are the full ones
     return ([float(v) for v in losses.detach()], [float(r.detach()) for r in regularisers], float(objective.detach()),
             relatives)

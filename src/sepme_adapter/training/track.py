@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -32,6 +33,15 @@ class ConceptTrack:
     seconds: float = 0.0
     pooled: torch.Tensor | None = None  # SDXL: the pooled embedding paired with each reference latent
     pooled_solution: torch.Tensor | None = None  # SDXL: the pooled increment's solved `w`, set when training ends
+    # containment (training/containment.py): the retain penalty, the collateral meter, the probe stop
+    contexts: torch.Tensor | None = None  # the name said in random contexts (n x L x d), trained on beside `embedding`
+    retain_energy: Any = None
+    collateral: Any = None
+    probes: Any = None
+    probe_seed: int = 0
+    probe_history: list[dict] = field(default_factory=list)  # per probe check: step, rho, collateral
+    stop_reason: str = ""
+    snapshot: dict | None = None  # the increments at the last probe check within the collateral bound
 
     @property
     def parameters(self) -> list[torch.Tensor]:
@@ -39,6 +49,15 @@ class ConceptTrack:
         solved, not trained (`training/pooled.py`)."""
         trained = [w for layer, w in self.eraser.weights.items() if layer != POOLED_LAYER]
         return [*trained, *(a for layer, a in self.eraser.down.items() if layer != POOLED_LAYER)]
+
+    def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The trained tensors by a stable name (`w:<layer>`, `down:<layer>`), for snapshots."""
+        named = [(f"w:{layer}", w) for layer, w in self.eraser.weights.items() if layer != POOLED_LAYER]
+        return named + [(f"down:{layer}", a) for layer, a in self.eraser.down.items() if layer != POOLED_LAYER]
+
+    def parameter(self, name: str) -> torch.Tensor:
+        kind, _, layer = name.partition(":")
+        return (self.eraser.weights if kind == "w" else self.eraser.down)[layer]
 
     @classmethod
     def start(cls, concept: Concept, eraser: Eraser, groups: list[dict], index: int, config: TrainConfig,
@@ -51,6 +70,7 @@ class ConceptTrack:
             concept=concept, eraser=eraser, optimizer=torch.optim.Adam(groups),
             generator=torch.Generator().manual_seed(config.seed * 100_003 + index),
             stop=stop, latents=latents, embedding=embedding, pooled=pooled,
+            probe_seed=config.seed * 1_000_003 + 104_729 * (index + 1),
         )
 
     def follower(self, concept: Concept, latents: torch.Tensor, embedding: torch.Tensor,

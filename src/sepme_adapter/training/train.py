@@ -17,17 +17,19 @@ from typing import Any
 
 import torch
 
-from ..basis import BasisChoice, choose_basis, pooled_basis
-from ..certificate import leakage_certificate
+from ..basis import BasisChoice, choose_basis, contrastive_basis, pooled_basis
+from ..certificate import collateral_certificate, leakage_certificate
 from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
 from ..runtime import ErasureRuntime
-from ..text import encode_prompts_pooled, zeros_for_empty_prompt
+from ..retain import RetainSet, fits, retain_prompts
+from ..text import encode_prompts, encode_prompts_pooled, zeros_for_empty_prompt
 from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
-from .concepts import Concept, prepare_concepts, template_stems
+from .concepts import Concept, check_concepts, derived_phrasings, prepare_concepts, template_stems
 from .config import MODES, TrainConfig
+from .containment import CollateralMeter, RetainEnergy
 from .harness import base_model_metadata, frozen_model, training_runtime, zero_weights
 from .loop import optimise
 from .pooled import pooled_increment
@@ -50,6 +52,18 @@ class PromptTexts:
     unconditional_pooled: torch.Tensor | None = None
     # SDXL: the pooled embeddings of the blank prompt and of every known and protected prompt (pooled bases)
     excluded_pooled: dict[str, torch.Tensor] | None = None
+    # containment (`retain.py`): the retain prompts' embeddings, training part and held-out part
+    retain: torch.Tensor | None = None
+    held_out: torch.Tensor | None = None
+    held_out_prompts: tuple[str, ...] = ()
+    contexts: dict[str, torch.Tensor] | None = None  # name -> the name said in random contexts
+
+    def add_retain(self, pipe: Any, retain: RetainSet) -> None:
+        """Encode the retain prompts (training and held-out parts)."""
+        self.retain = encode_prompts(pipe, list(retain.train)) if retain.train else None
+        self.held_out = encode_prompts(pipe, list(retain.held_out)) if retain.held_out else None
+        self.held_out_prompts = tuple(retain.held_out)
+        self.contexts = {name: encode_prompts(pipe, list(p)) for name, p in retain.contexts.items()}
 
     @classmethod
     def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
@@ -123,6 +137,11 @@ def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts
         excluded = {c.name: list(c.prompts) for c in others} | {k.name: list(k.prompts) for k in known}
         choice = choose_basis(rows, max_leakage=config.max_leakage, rtol=config.rtol,
                               concept=texts.concepts[concept.name])
+        if config.basis == "contrastive" and texts.retain is not None:
+            basis, contrasts = contrastive_basis(choice.basis, list(texts.concepts[concept.name]),
+                                                 list(texts.retain), config.basis_dimensions,
+                                                 list((texts.contexts or {}).get(concept.name, [])))
+            choice = BasisChoice(basis, f"{choice.kind}+contrastive", choice.bound, tuple(contrasts))
         pooled = None if pooled_width is None or not config.pooled_increment else texts.pooled_basis(
             concept, others, pooled_width, config.rtol)
         plan.append(Planned(i, concept, False, excluded, choice, pooled))
@@ -194,6 +213,13 @@ class TrainingRun:
         groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config)
         track = ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
         track.pooled_solution = solved
+        if not dense and self.texts.retain is not None and config.containment > 0:
+            track.retain_energy = RetainEnergy.build(self.pipe.unet, eraser, self.texts.retain)
+        contexts = (self.texts.contexts or {}).get(planned.concept.name)
+        if not dense and contexts is not None and self.texts.pooled is None:
+            track.contexts = contexts
+        if not dense and self.texts.held_out is not None:
+            track.collateral = CollateralMeter.build(self.pipe.unet, eraser, self.texts.held_out)
         return track
 
     def images(self, concept: Concept) -> tuple[torch.Tensor, ...]:
@@ -292,8 +318,13 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
             "seconds": round(track.seconds, 3),
             "total_seconds": round(time.monotonic() - started, 3),
         },
-        "history": {"l_cor": track.history, "rho": track.relative, "regulariser": track.regulariser},
+        "history": {"l_cor": track.history, "rho": track.relative, "regulariser": track.regulariser,
+                    "probes": track.probe_history},
     }
+    eraser.metadata["stats"]["stop_reason"] = track.stop_reason or (
+        "stop statistic" if track.stopped_early else "max_iterations")
+    if track.probe_history:
+        eraser.metadata["stats"]["probe_rho"] = track.probe_history[-1]["rho"]
     eraser.validate(f"trained eraser {track.concept.name!r}")
     eraser.metadata["stats"]["dtheta_p"] = eraser.dtheta_p()
     if choice is not None:
@@ -301,6 +332,9 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
         if eraser.pooled_basis is not None:
             eraser.metadata["basis"]["pooled_dimensions"] = int(eraser.pooled_basis.shape[1])
         eraser.metadata["certificate"] = leakage_certificate(run.pipe, eraser)
+        if run.texts.held_out_prompts:
+            eraser.metadata["collateral"] = {"held_out": list(run.texts.held_out_prompts)}
+            eraser.metadata["collateral"] |= collateral_certificate(run.pipe, eraser)
     return eraser
 
 
@@ -351,6 +385,7 @@ def train_erasers(
     resume: bool = False,
     progress: bool = True,
     shard: tuple[int, int] | None = None,
+    retain: Sequence[str] = (),
 ) -> list[Eraser]:
     """Train one eraser per concept (Alg. 1-2) and return them (not loaded onto the pipeline).
 
@@ -371,6 +406,8 @@ def train_erasers(
         resume: continue from the checkpoint in `checkpoint_dir`.
         shard: `(rank, world_size)`: train only concepts `i` with `i % world_size == rank` (bases still
             exclude all of them), for splitting independent erasers across processes or machines.
+        retain: prompts to leave alone besides the retain distribution drawn from the model (`retain.py`):
+            they shape the contrastive basis and the containment term (not kept exact; use `protected` for that).
 
     Example:
         >>> erasers = train_erasers(pipe, ["vangogh=a painting by van gogh", "picasso=a painting by picasso"])
@@ -379,6 +416,10 @@ def train_erasers(
     config = config or TrainConfig()
     config.validate()
     concepts, known, protected = prepare_concepts(concepts, known, protected)
+    if config.derive_phrasings:
+        tokenizer = pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2
+        concepts = [derived_phrasings(c, keep=lambda prompt: fits(tokenizer, prompt)) for c in concepts]
+        check_concepts(concepts, known, protected)
     if config.protect_templates:
         protected = protected + [s for s in template_stems([*concepts, *known]) if s not in protected]
     _check_run(mode, shard, resume, checkpoint_dir)
@@ -386,6 +427,11 @@ def train_erasers(
     pipe, runtime = training_runtime(pipe, [c.name for c in concepts])
     # Everything that can fail on bad input happens before any image is generated.
     texts = PromptTexts.encode(pipe, concepts, known, protected)
+    # the retain distribution (basis, containment term) and its held-out part (the collateral certificate)
+    texts.add_retain(pipe, retain_prompts(
+        pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2,
+        [(c.name, c.prompts) for c in concepts], user=list(retain), vocabulary=config.retain_vocabulary,
+        stems_per_prompt=config.retain_stems, seed=config.seed, contexts=config.name_contexts))
     pooled = pooled_layer(pipe.unet)
     plan = plan_bases(concepts, known, texts, mode, config, None if pooled is None else pooled.in_features)
     base = base_model_metadata(pipe, runtime)
