@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import struct
 import typing
@@ -159,8 +160,17 @@ def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, BaselineCo
 def _distributed(device: str | None) -> tuple[Any, tuple[int, int] | None, str | None]:
     """Under `accelerate launch` (or torchrun) each process trains its share of the concepts: `shard` is
     `(process index, number of processes)`."""
+    import os
+    from types import SimpleNamespace
+
     import torch
-    from accelerate import PartialState  # imported when used: it is slow to import
+
+    from ..extras import require
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and importlib.util.find_spec("accelerate") is None:
+        # one process and no `[train]` extra: nothing to coordinate
+        return SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None), None, device
+    PartialState = require("accelerate", "`sepme erase` under several processes").PartialState  # slow to import
 
     state = PartialState(cpu=device == "cpu" or (device is None and not torch.cuda.is_available()))
     shard = (state.process_index, state.num_processes) if state.num_processes > 1 else None

@@ -67,7 +67,8 @@ __all__ = [
 def _require(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(
-            f"demo asset {path} is missing; build the assets with `python -m sepme_adapter.demo.build`"
+            f"demo asset {path} is missing: the demo worlds ship with the source repository, not the wheel "
+            f"(clone it and run `make demo`), or build them with `python -m sepme_adapter.demo.build`"
         )
     return path
 

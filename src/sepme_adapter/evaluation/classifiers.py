@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from PIL import Image
 
+from ..extras import require
 from .protocol import Classify
 from .style_classifier import load_style_classifier
 
@@ -18,7 +19,7 @@ def torchvision_classifier(arch: str, classes: dict[str, int], device: str = "cp
     The weights come from torchvision's cache (`torch.hub`); offline without them, this fails with
     torchvision's own message.
     """
-    import torchvision  # only for this classifier: importing it costs seconds
+    torchvision = require("torchvision", "a torchvision classifier")  # imported here: it costs seconds
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     model = torchvision.models.get_model(arch, weights=weights).eval().to(device)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..extras import require
+
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet, as torch.hub caches it
 
 
@@ -42,8 +44,7 @@ class LPIPSMetric:
 
     def __init__(self, device: str | torch.device = "cpu", weights: str | Path | None = None,
                  random_backbone: bool = False) -> None:
-        import lpips
-
+        lpips = require("lpips", "LPIPS")
         path = Path(weights).expanduser() if weights is not None else cached_alexnet_weights()
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"LPIPS weights not found: {path} (torchvision's ImageNet AlexNet state dict, "

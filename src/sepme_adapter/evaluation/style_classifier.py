@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..extras import require
 from ..generation import Job, generate_batched
 from .metrics import to_tensor
 from .protocol import Classify
@@ -26,7 +27,7 @@ BLANK_LABEL = "blank"
 
 
 def _resnet18(num_labels: int, pretrained: bool) -> torch.nn.Module:
-    import torchvision
+    torchvision = require("torchvision", "the ResNet-18 classifier")
 
     weights = torchvision.models.ResNet18_Weights.DEFAULT if pretrained else None
     model = torchvision.models.resnet18(weights=weights)
@@ -35,7 +36,7 @@ def _resnet18(num_labels: int, pretrained: bool) -> torch.nn.Module:
 
 
 def _imagenet_weights_cached() -> bool:
-    import torchvision
+    torchvision = require("torchvision", "the ResNet-18 classifier")
 
     url = torchvision.models.ResNet18_Weights.DEFAULT.url
     return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()

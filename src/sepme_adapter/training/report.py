@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..eraser import Eraser
+from ..extras import require
 
 
 def momentum_curve(losses: Sequence[float], alpha: float, start: float = 0.0) -> list[float]:
@@ -29,9 +30,8 @@ def _write_json(erasers: Sequence[Eraser], folder: Path) -> Path:
 
 
 def _plot_curves(erasers: Sequence[Eraser], path: Path) -> Path:
-    import matplotlib  # a plotting backend is chosen before pyplot is imported
-
-    matplotlib.use("Agg")
+    matplotlib = require("matplotlib", "the training report's loss curves")
+    matplotlib.use("Agg")  # a plotting backend is chosen before pyplot is imported
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
