@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         keys = [*ZOO, "demo"]
     seeds = args.seeds or (2 if args.quick else 10)
-    steps = 4 if args.quick else STEPS
+    steps = 2 if args.quick else STEPS
     config = TrainConfig(**overrides)
     print(f"TrainConfig overrides: {overrides or 'none (the library defaults)'}", flush=True)
     held_out = [k for k in keys if k != "demo" and ZOO.get(int(k)) == "held-out"]

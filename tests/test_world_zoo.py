@@ -45,7 +45,7 @@ def test_spec_is_a_function_of_the_seed(tmp_path):
 def test_spec_ranges(seed):
     spec = make_spec(seed)
     assert 64 <= spec.text_width <= 256 and 8 <= spec.max_tokens <= 24 and 1 <= spec.text_layers <= 3
-    assert 3 <= len(spec.objects) <= 5 and 3 <= len(spec.styles) <= 5
+    assert 3 <= len(spec.objects) <= 4 and 3 <= len(spec.styles) <= 4
     assert len(set(spec.objects) | set(spec.styles) | {PLAIN}) == len(spec.objects) + len(spec.styles) + 1
     for templates in (spec.object_templates, spec.style_templates):
         assert 2 <= len(templates) <= 4  # the first is canonical, the rest are held-out phrasings

@@ -32,7 +32,7 @@ ZOO: dict[int, str] = {
     12: "tuning",
     13: "held-out",
     14: "held-out",
-    15: "held-out",
+    16: "held-out",
 }
 """Fixed seeds -> role. Never choose a default on a "held-out" world."""
 
@@ -138,7 +138,7 @@ def _is_built(folder: Path) -> bool:
         return False
 
 
-def build(seed: int, quick: bool = False, force: bool = False) -> Path:
+def ensure_built(seed: int, quick: bool = False, force: bool = False) -> Path:
     """Build world `seed` into its cache folder unless there (a subprocess on one thread, so the caller's torch
     settings are untouched); return the folder. A world failing its quality gate raises RuntimeError."""
     folder = world_dir(seed, quick)
@@ -160,7 +160,7 @@ def load_world(key: int | str, quick: bool = False) -> World:
     if key == "demo":
         return _demo_world()
     seed = int(key)
-    folder = build(seed, quick=quick)
+    folder = ensure_built(seed, quick=quick)
     from .spec import WorldSpec
 
     data = json.loads((folder / "world.json").read_text())
@@ -175,4 +175,4 @@ def load_world(key: int | str, quick: bool = False) -> World:
                  folder / "pipeline", folder / "classifiers", folder)
 
 
-__all__ = ["ZOO", "World", "WorldConcept", "build", "load_world", "world_dir", "worlds_dir"]
+__all__ = ["ZOO", "World", "WorldConcept", "ensure_built", "load_world", "world_dir", "worlds_dir"]

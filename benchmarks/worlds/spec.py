@@ -168,10 +168,10 @@ def _draw_templates(rng: np.random.Generator, pool: tuple[str, ...], count: int,
 
 
 def _hues(rng: np.random.Generator, count: int) -> list[float]:
-    """`count` hues spread round the wheel (random offset, jittered): neighbouring styles differ in colour."""
+    """`count` hues evenly round the wheel (random offset, slight jitter): every style has its own colour."""
     offset = rng.random()
     order = rng.permutation(count)
-    return [float((offset + (int(k) + rng.uniform(-0.15, 0.15)) / count) % 1.0) for k in order]
+    return [float((offset + (int(k) + rng.uniform(-0.12, 0.12)) / count) % 1.0) for k in order]
 
 
 def glyph_params(kind: str, rng: np.random.Generator) -> dict:
@@ -203,21 +203,23 @@ def glyph_params(kind: str, rng: np.random.Generator) -> dict:
 
 
 def texture_params(kind: str, hue: float, rng: np.random.Generator) -> dict:
-    contrast = float(rng.uniform(0.08, 0.5))  # the second colour's hue shift
+    """A texture in two colours of the style's own hue: a saturated light one and, for contrast, either a dark
+    shade or a pale tint of a nearby hue (so no two styles of a world share a colour)."""
+    dark = bool(rng.random() < 0.6)
     p: dict = {
         "kind": kind,
         "hue_a": hue,
-        "hue_b": float((hue + contrast * rng.choice([-1, 1])) % 1.0),
-        "value_a": float(rng.uniform(0.75, 1.0)),
-        "value_b": float(rng.uniform(0.3, 0.6) if rng.random() < 0.5 else rng.uniform(0.85, 1.0)),
-        "sat_b": float(rng.uniform(0.1, 1.0)),
+        "hue_b": float((hue + rng.uniform(0.04, 0.1) * rng.choice([-1, 1])) % 1.0),
+        "value_a": float(rng.uniform(0.8, 1.0)),
+        "value_b": float(rng.uniform(0.25, 0.45) if dark else rng.uniform(0.9, 1.0)),
+        "sat_b": float(rng.uniform(0.7, 1.0) if dark else rng.uniform(0.15, 0.35)),
         "angle": float(rng.uniform(0, math.pi)),
-        "period": float(rng.uniform(4.5, 7.5)),
+        "period": float(rng.uniform(5.5, 8.0)),
     }
     if kind == "noise":
-        p["cells"] = int(rng.integers(3, 6))
+        p["cells"] = int(rng.integers(2, 4))
     if kind == "sectors":
-        p["count"] = int(rng.integers(4, 7))
+        p["count"] = int(rng.integers(3, 6))
     if kind == "waves":
         p["amplitude"] = float(rng.uniform(1.0, 2.0))
     return p
@@ -234,7 +236,7 @@ def make_spec(seed: int) -> WorldSpec:
     object_templates = _draw_templates(rng, OBJECT_POOL, int(rng.integers(2, 5)), max_words)
     style_templates = _draw_templates(rng, STYLE_POOL, int(rng.integers(2, 5)), max_words)
     composition_templates = _draw_templates(rng, COMPOSITION_POOL, int(rng.integers(2, 4)), max_words)
-    n_objects, n_styles = int(rng.integers(3, 6)), int(rng.integers(3, 6))
+    n_objects, n_styles = int(rng.integers(3, 5)), int(rng.integers(3, 5))
     reserved = {w for t in (*OBJECT_POOL, *STYLE_POOL, *COMPOSITION_POOL) for w in t.split()}
     names: list[str] = []
     while len(names) < n_objects + n_styles:
@@ -354,7 +356,7 @@ def texture(p: dict, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: floa
         t = ((along + p["amplitude"] * np.sin(across / period * 2 * np.pi)) / period + rng.random()) % 1.0 < 0.5
     elif kind == "grid":
         pu, pv = rng.random(2) * period
-        t = (((along + pu) % period) < 1.4) | (((across + pv) % period) < 1.4)
+        t = (((along + pu) % period) < 2.0) | (((across + pv) % period) < 2.0)
     elif kind == "sectors":
         n = p["count"]
         t = np.floor((np.arctan2(y - cy, x - cx) + np.pi + rng.random()) / (2 * np.pi) * 2 * n) % 2 == 0
