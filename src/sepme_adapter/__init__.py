@@ -7,15 +7,6 @@ Example:
     >>> pipe.set_erased([])  # the original model, bit for bit
 """
 
-import os as _os
-import sys as _sys
-
-# The `sepme` command on a busy machine: OpenMP threads that spin-wait for a descheduled peer made
-# training steps 7x slower (README, "Threads"); passive waiting avoids it. Only for the command (a
-# library import leaves the user's process alone), and only before torch is first imported.
-if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "sepme" and "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 # Names are imported on first use (PEP 562), so `import sepme_adapter.cli` and `sepme --help` do not load
