@@ -203,3 +203,19 @@ def test_quiet_silences_the_libraries_loading_bars():
         transformers_logging.enable_progress_bar()
         diffusers_logging.set_verbosity_warning()
         transformers_logging.set_verbosity_warning()
+
+
+def test_bad_settings_are_refused_in_the_flags_names_before_the_model_loads(capsys):
+    assert main(["erase", "--model", "/nonexistent", "--concept", "a", "--rank", "0"]) == 2
+    assert "--rank must be a positive integer" in one_error_line(capsys.readouterr().err, "erase")
+    assert main(["erase", "--model", "/nonexistent", "--concept", "a", "--eta", "-1"]) == 2  # an old name too
+    assert "--step-size must be > 0" in one_error_line(capsys.readouterr().err, "erase")
+
+
+def test_push_with_the_hub_switched_off_is_one_line(eraser_file, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 sets it
+    monkeypatch.delenv("SEPME_DEBUG", raising=False)
+    assert main(["push", eraser_file, "org/erasers", "--token", "hf_test"]) == 1
+    assert "HF_HUB_OFFLINE is set" in one_error_line(capsys.readouterr().err, "push")

@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from ..files import eraser_filename
 from ..training.concepts import TEMPLATES, Concept, merge_concepts, read_concepts_csv
 from ..training.config import MODES, TrainConfig
-from .options import add_model_options, concept_list, load_model, warn
+from .options import add_model_options, check_device, concept_list, load_model, warn
 
 METHODS = ("sepme", "gcirs", *BASELINE_METHODS)
 GROUPS = {"common": "training (common)", "advanced": "training (advanced)"}
@@ -149,6 +149,15 @@ def add_baseline_options(parser: argparse.ArgumentParser, shown: str | None) -> 
                            help=help if visible else argparse.SUPPRESS, **kind)
 
 
+def in_flag_names(message: str) -> str:
+    """A config's message in the command's terms: `TrainConfig.rank` -> `--rank`, `BaselineConfig.esd_lr` -> `--esd-lr`."""
+    for item in sorted(fields(TrainConfig), key=lambda f: -len(f.name)):
+        message = message.replace(f"TrainConfig.{item.name}", flag_name(item))
+    for name in sorted(METHOD_FIELDS, key=len, reverse=True):
+        message = message.replace(f"BaselineConfig.{name}", "--" + name.replace("_", "-"))
+    return message
+
+
 def configs_from_args(args: argparse.Namespace) -> tuple[TrainConfig, BaselineConfig]:
     """The settings the flags give: `--preset`, overridden by every flag that was passed."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
@@ -268,9 +277,12 @@ def check_prompt_lengths(args: argparse.Namespace, pipe: Any) -> None:
 
 def stop_target(config: dict[str, Any]) -> str:
     """The stop an eraser's training config asked for, as a user reads it."""
+    def signed(value: Any) -> str:
+        return f"{value:+g}" if isinstance(value, (int, float)) else "?"
+
     if config.get("stop") == "probe":
-        return f"probe rho <= {config.get('erase_to'):+g}"
-    return f"{config.get('stop_on', 'rho')} <= {config.get('tau'):+g}"
+        return f"probe rho <= {signed(config.get('erase_to'))}"
+    return f"{config.get('stop_on', 'rho')} <= {signed(config.get('tau'))}"
 
 
 def report_eraser(eraser: Any, path: Path) -> None:
@@ -303,8 +315,12 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.method not in ("sepme", "gcirs"):
         raise TrainingError(f"--resume is not supported for --method {args.method} (baselines keep no checkpoints)")
     config, baseline_config = configs_from_args(args)
-    (config if args.method in ("sepme", "gcirs") else baseline_config).validate()  # before the model loads
+    try:  # before the model loads; in the flags' names
+        (config if args.method in ("sepme", "gcirs") else baseline_config).validate()
+    except TrainingError as error:
+        raise TrainingError(in_flag_names(str(error))) from None
     concepts_to_erase(args)
+    check_device(args.device)
     state, shard, device = _distributed(args.device)
     check_output_folder(args, out, state.is_main_process)
     args.device = device

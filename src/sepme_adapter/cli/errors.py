@@ -38,8 +38,10 @@ def describe_error(error: BaseException, args: argparse.Namespace) -> tuple[str,
     names = class_names(error)
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     if names & set(OFFLINE_ERRORS) or {f"cause:{n}" for n in OFFLINE_ERRORS} & names:
+        if "OfflineModeIsEnabled" in names:
+            return "the Hugging Face Hub is switched off here (HF_HUB_OFFLINE is set); unset it to reach the Hub", 1
         return (f"cannot reach the Hugging Face Hub ({type(error).__name__}: {one_line(text, 200)}); check the "
-                f"network connection, or unset HF_HUB_OFFLINE", 1)
+                f"network connection (or HF_ENDPOINT)", 1)
     if "HfHubHTTPError" in names or "RepositoryNotFoundError" in names:
         return f"the Hub refused the request: {one_line(text.splitlines()[0] if text else type(error).__name__)}", 1
     if "BaseModelMismatchError" in names and hasattr(args, "allow_base_mismatch"):
