@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 # name -> (module, one-line help); the modules are imported only when their command is run or asked for help
@@ -86,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .errors import describe_error  # after parsing: it may import the library's exceptions
 
+    formatwarning = warnings.formatwarning
+    if not debug_requested(args):  # the library's warnings as one line each, like the command's own
+        warnings.formatwarning = lambda message, category, *rest, **kwargs: (
+            f"sepme {args.command}: warning: {message}\n")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -98,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if debug_requested(args) else " (--debug shows the traceback)" if status == 1 else ""
         print(f"sepme {args.command}: error: {message}{hint}", file=sys.stderr)
         return status
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 __all__ = ["COMMANDS", "build_parser", "main"]

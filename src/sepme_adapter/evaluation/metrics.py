@@ -58,7 +58,7 @@ class LPIPSMetric:
             self.model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)  # backbone loaded below
         if path is not None:
             _load_alexnet_features(self.model, path)
-            self.name, self.description = "LPIPS", f"LPIPS (AlexNet, ImageNet weights {path.name})"
+            self.name, self.description = "LPIPS", f"AlexNet with ImageNet weights ({path.name}), 0 = unchanged"
         else:
             self.name = "random-AlexNet distance"
             self.description = "the lpips code on a randomly initialised AlexNet (a plumbing check, not LPIPS)"
@@ -96,8 +96,8 @@ class SSIMDistance:
     metric needing no weights: 0 for identical images."""
 
     name = "1-SSIM"
-    description = ("1-SSIM, a pixel metric (structural similarity, 11x11 Gaussian window); LPIPS needs the "
-                   "ImageNet AlexNet weights: `sepme eval --lpips-weights`")
+    description = ("a pixel metric, 1 - structural similarity (11x11 Gaussian window), 0 = unchanged; LPIPS "
+                   "needs the ImageNet AlexNet weights: `sepme eval --lpips-weights`")
     backbone = description
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
