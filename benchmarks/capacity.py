@@ -12,7 +12,8 @@ padding shared with every prompt) on an SD-shaped `to_k` (768 -> 320, random wei
 `max ||c dW^T|| / ||c W^T||` over the excluded prompts.
 
     .venv/bin/python benchmarks/capacity.py            # N up to 100, ~2 min on 1 core
-    .venv/bin/python benchmarks/capacity.py --quick    # a smoke run
+    .venv/bin/python benchmarks/capacity.py --quick    # N up to 10
+    .venv/bin/python benchmarks/capacity.py --smoke    # N up to 2: checks the script runs (seconds)
 
 Last line: `RESULT exact_1=<N> exact_4=<N> compact_4_at_0.01=<N> compact_4_at_0.001=<N>`: the largest N (of
 those measured, all smaller N passing too) at which concept 0's basis keeps its certificate at the given
@@ -59,10 +60,11 @@ def measure(texts: torch.Tensor, groups: list[slice], count: int, level: float |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N in (1, 2, 5, 10) only")
+    parser.add_argument("--smoke", action="store_true", help="N in (1, 2) only: checks the script runs (seconds)")
     parser.add_argument("--effect", type=float, default=0.1, help="relative change of the concept's keys")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    counts = [1, 2, 5, 10] if args.quick else [1, 2, 5, 10, 20, 50, 100]
+    counts = [1, 2] if args.smoke else [1, 2, 5, 10] if args.quick else [1, 2, 5, 10, 20, 50, 100]
     names = [f"artist{i}" for i in range(max(counts))]
     pipe = tiny_pipeline(text_width=768, max_length=77, words=[*" ".join(TEMPLATES).replace("{}", "").split(), *names])
     weight = torch.randn(320, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 768**0.5

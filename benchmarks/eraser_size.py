@@ -11,6 +11,7 @@ with classifier-free guidance) with 3 full-rank erasers active and with 3 rank-4
 over rounds, on the same UNet in the same run.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eraser_size.py
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eraser_size.py --smoke   # tiny UNet: checks the script runs
 
 The last line is `RESULT full_mb=.. rank4_mb=.. rank1_mb=.. increment_full_ms=.. increment_rank4_ms=..`.
 """
@@ -32,7 +33,7 @@ import sepme_adapter
 from sepme_adapter.fingerprint import fingerprint
 from sepme_adapter.hub import save_lora
 from sepme_adapter.loader import erasure_runtime
-from sepme_adapter.testing import sd15_unet_config
+from sepme_adapter.testing import sd15_unet_config, tiny_pipeline
 from sepme_adapter.unet import modified_layers
 
 TOKENS = 77
@@ -41,13 +42,13 @@ TOKENS = 77
 class UNetOnly(sepme_adapter.SepMELoaderMixin):
     """Just enough pipeline for the loader: a UNet and a stand-in blank-prompt embedding (for the fingerprint)."""
 
-    def __init__(self, unet: UNet2DConditionModel) -> None:
+    def __init__(self, unet: UNet2DConditionModel, tokens: int = TOKENS) -> None:
         self.unet = unet
         self.text_encoder = SimpleNamespace(device=torch.device("cpu"))
-        self.blank = torch.zeros(1, TOKENS, unet.config.cross_attention_dim)
+        self.blank = torch.zeros(1, tokens, unet.config.cross_attention_dim)
 
-    def encode_prompt(self, prompts, device, num_images_per_prompt, do_classifier_free_guidance):
-        return (self.blank.expand(len(prompts), -1, -1),)
+    def encode_prompt(self, prompt, device=None, num_images_per_prompt=1, do_classifier_free_guidance=False, **_):
+        return (self.blank.expand(len(prompt), -1, -1),)
 
 
 def random_eraser(pipe: UNetOnly, name: str, m: int, rank: int | None, generator: torch.Generator,
@@ -92,15 +93,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="timing rounds (default 15)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny UNet, 2 rounds: checks the script runs (seconds)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore", sepme_adapter.SepMEWarning)  # random erasers do not know each other
     torch.manual_seed(0)
     started = time.monotonic()
-    pipe = UNetOnly(UNet2DConditionModel(**sd15_unet_config()).eval())
-    print(f"SD v1.5-shaped UNet with random weights built in {time.monotonic() - started:.0f} s; "
-          f"{len(modified_layers(pipe.unet))} to_k / to_v layers")
-    m = pipe.unet.config.cross_attention_dim - 3 * TOKENS
+    tokens = 4 if args.smoke else TOKENS
+    unet = tiny_pipeline().unet if args.smoke else UNet2DConditionModel(**sd15_unet_config()).eval()
+    args.rounds = 2 if args.smoke else args.rounds
+    pipe = UNetOnly(unet, tokens)
+    print(f"{'tiny' if args.smoke else 'SD v1.5-shaped'} UNet with random weights built in "
+          f"{time.monotonic() - started:.0f} s; {len(modified_layers(pipe.unet))} to_k / to_v layers")
+    m = pipe.unet.config.cross_attention_dim - 3 * tokens
     generator = torch.Generator().manual_seed(0)
     sizes = {}
     with tempfile.TemporaryDirectory(prefix="sepme-size-") as folder:
@@ -115,7 +120,7 @@ def main() -> None:
     low = [random_eraser(pipe, f"low{i}", m, 4, generator, torch.float32) for i in range(3)]
     for eraser in (*full, *low):
         pipe.load_sepme(eraser, erase=False)
-    text = torch.randn(2, TOKENS, pipe.unet.config.cross_attention_dim, generator=generator)
+    text = torch.randn(2, tokens, pipe.unet.config.cross_attention_dim, generator=generator)
     names = {"full": [e.name for e in full], "rank4": [e.name for e in low]}
     times: dict[str, list[float]] = {"full": [], "rank4": []}
     for label in ("full", "rank4"):  # warm-up

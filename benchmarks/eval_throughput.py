@@ -8,6 +8,7 @@ calls of `--batch-size` images. Both make the same images (checked: largest diff
 scale); each is timed twice, interleaved (old, new, old, new), and the faster of each pair counts.
 
     .venv/bin/python benchmarks/eval_throughput.py --quick          # 96 images per run, ~1-2 min
+    .venv/bin/python benchmarks/eval_throughput.py --smoke          # 4 images, 2 steps: checks the script runs
     .venv/bin/python benchmarks/eval_throughput.py                  # 320 images per run
     .venv/bin/python benchmarks/eval_throughput.py --threads 1 --compare-threads
 
@@ -57,7 +58,7 @@ def random_erasers(pipe) -> list[sepme_adapter.Eraser]:
     return erasers
 
 
-def one_prompt_at_a_time(pipe, prompts, seeds, states) -> list[np.ndarray]:
+def one_prompt_at_a_time(pipe, prompts, seeds, states, steps=STEPS) -> list[np.ndarray]:
     """The evaluation before the engine: per state `set_erased`, per prompt one call with all its seeds."""
     images = []
     for state in states:
@@ -65,14 +66,14 @@ def one_prompt_at_a_time(pipe, prompts, seeds, states) -> list[np.ndarray]:
         for prompt in prompts:
             generators = [torch.Generator().manual_seed(s) for s in seeds]
             images.extend(pipe(prompt, num_images_per_prompt=len(seeds), generator=generators,
-                               num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np").images)
+                               num_inference_steps=steps, guidance_scale=GUIDANCE, output_type="np").images)
     pipe.set_erased([])
     return images
 
 
-def engine(pipe, prompts, seeds, states, batch_size) -> list[np.ndarray]:
+def engine(pipe, prompts, seeds, states, batch_size, steps=STEPS) -> list[np.ndarray]:
     jobs = [Job(p, s, tuple(state)) for state in states for p in prompts for s in seeds]
-    return generate_batched(pipe, jobs, STEPS, GUIDANCE, batch_size, output_type="np")
+    return generate_batched(pipe, jobs, steps, GUIDANCE, batch_size, output_type="np")
 
 
 def timed(fn, *args) -> tuple[float, float, list[np.ndarray]]:
@@ -85,6 +86,8 @@ def timed(fn, *args) -> tuple[float, float, list[np.ndarray]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 prompts x 4 seeds x 8 states (96 images)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="1 prompt x 2 seeds x 2 states, 2 steps, one round: checks the script runs (seconds)")
     parser.add_argument("--batch-size", type=int, default=40, help="engine: images per pipeline call")
     parser.add_argument("--threads", type=int, help="torch CPU threads for both ways (default: torch's)")
     parser.add_argument("--compare-threads", action="store_true", help="also time the engine at 1 and 2 threads")
@@ -97,21 +100,22 @@ def main() -> None:
     for eraser in random_erasers(pipe):
         pipe.load_sepme(eraser, erase=False)
     names = ["orvan", "pimsa", "circle", "selune"]
-    prompts = [demo.CONCEPTS[n].prompt for n in (names[:3] if args.quick else names)]
-    seeds = list(range(4 if args.quick else 10))
-    states = [[], *all_subsets(ERASED)]
+    prompts = [demo.CONCEPTS[n].prompt for n in (names[:1] if args.smoke else names[:3] if args.quick else names)]
+    seeds = list(range(2 if args.smoke else 4 if args.quick else 10))
+    states = [[], [ERASED[0]]] if args.smoke else [[], *all_subsets(ERASED)]
+    steps, rounds = (2, 1) if args.smoke else (STEPS, 2)
     count = len(prompts) * len(seeds) * len(states)
     print(f"torch {torch.__version__}, {threads} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"load average {os.getloadavg()[0]:.1f}; {len(prompts)} prompts x {len(seeds)} seeds x {len(states)} "
-          f"states = {count} images per run, {STEPS} steps, guidance {GUIDANCE}, engine batch {args.batch_size}",
+          f"states = {count} images per run, {steps} steps, guidance {GUIDANCE}, engine batch {args.batch_size}",
           flush=True)
     old_s, new_s, old_cpu, new_cpu = [], [], [], []
-    for _ in range(2):
-        seconds, cpu, old = timed(one_prompt_at_a_time, pipe, prompts, seeds, states)
+    for _ in range(rounds):
+        seconds, cpu, old = timed(one_prompt_at_a_time, pipe, prompts, seeds, states, steps)
         old_s.append(seconds), old_cpu.append(cpu)
         print(f"  one prompt at a time: {seconds:6.1f} s  {count / seconds:5.2f} images/s  (CPU {cpu:6.1f} s)",
               flush=True)
-        seconds, cpu, new = timed(engine, pipe, prompts, seeds, states, args.batch_size)
+        seconds, cpu, new = timed(engine, pipe, prompts, seeds, states, args.batch_size, steps)
         new_s.append(seconds), new_cpu.append(cpu)
         print(f"  batched engine:       {seconds:6.1f} s  {count / seconds:5.2f} images/s  (CPU {cpu:6.1f} s)",
               flush=True)
@@ -122,7 +126,7 @@ def main() -> None:
         for r in range(3):
             for n in (1, 2) if r % 2 == 0 else (2, 1):
                 torch.set_num_threads(n)
-                seconds, cpu, _ = timed(engine, pipe, prompts, seeds, states, args.batch_size)
+                seconds, cpu, _ = timed(engine, pipe, prompts, seeds, states, args.batch_size, steps)
                 walls[n].append(seconds)
                 print(f"  batched engine, {n} thread(s): {seconds:6.1f} s  {count / seconds:5.2f} images/s  "
                       f"(CPU {cpu:6.1f} s)", flush=True)

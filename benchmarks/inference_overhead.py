@@ -8,6 +8,7 @@ Configurations are interleaved (A B C .. C B A ..) and each figure is a median o
 
     .venv/bin/python benchmarks/inference_overhead.py            # tiny + SD v1.5 size (minutes)
     .venv/bin/python benchmarks/inference_overhead.py --quick    # tiny only, few repeats
+    .venv/bin/python benchmarks/inference_overhead.py --smoke    # tiny only, one repeat: checks the script runs
 
 Then a whole generation (`steady`): per configuration (plain, 3 active) a run of UNet calls on the same
 text tensor, as a pipeline makes them: the first call after `set_erased` computes every layer's
@@ -189,7 +190,8 @@ def steady(title: str, pipe, tokens: int, latent: int, rounds: int, steps: int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny UNet only, few repeats (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny UNet only, few repeats")
+    parser.add_argument("--smoke", action="store_true", help="tiny UNet, one repeat: checks the script runs (seconds)")
     parser.add_argument("--latent", type=int, default=16, help="SD latent side (16: 128x128 pixels)")
     parser.add_argument("--rounds", type=int, default=15,
                         help="interleaved rounds of the first-call table at SD size (0: skip it, whole generation only)")
@@ -202,6 +204,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="UNet calls timed in process CPU time (robust on a shared machine) or wall time")
     args = parser.parse_args()
+    if args.smoke:
+        args.quick, args.steady_rounds, args.steady_steps, args.generation_steps = True, 1, 2, 2
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     warnings.simplefilter("ignore", FutureWarning)
@@ -210,10 +214,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, cpu, UNet calls timed in {args.clock} time")
 
     tiny = sepme_adapter.attach(tiny_pipeline())
-    result = run("tiny UNet", tiny, tokens=8, latent=8, rounds=3 if args.quick else 10, calls=3 if args.quick else 10,
-                 clock=clock)
+    repeats = 1 if args.smoke else 3 if args.quick else 10
+    result = run("tiny UNet", tiny, tokens=8, latent=8, rounds=repeats, calls=repeats, clock=clock)
     result.update(steady("tiny UNet", sepme_adapter.attach(tiny_pipeline()), 8, 8, args.steady_rounds,
-                         max(args.steady_steps, 10), clock, args.generation_steps))
+                         args.steady_steps if args.smoke else max(args.steady_steps, 10), clock, args.generation_steps))
     if not args.quick:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**sd15_unet_config()).eval()

@@ -21,6 +21,7 @@ relative to the original model. `--pipeline` measures another build of the world
 whose pooled path carries the objects (`python -m sepme_adapter.demo.build --model sdxl --sdxl-token-dropout 0.3`).
 
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/pooled_path.py --seeds 10
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/pooled_path.py --smoke   # 2 concepts, 1 seed: checks it runs
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/pooled_path.py \
         --pipeline WORLD/sdxl/pipeline --erase circle square triangle
 
@@ -48,7 +49,7 @@ from sepme_adapter.training import Concept, train_erasers
 CONDITIONS = ("both", "tokens only", "pooled only", "neither")
 
 
-def accuracies(pipe, classify, prompt: str, name: str, seeds: list[int]) -> dict[str, float]:
+def accuracies(pipe, classify, prompt: str, name: str, seeds: list[int], steps: int = STEPS) -> dict[str, float]:
     """Classifier accuracy on `name` for each way of splitting `prompt` across the two paths."""
     (tokens, blank_tokens), (pooled, blank_pooled) = (x.split(1) for x in encode_prompts_pooled(pipe, [prompt, ""]))
     inputs = {"both": (tokens, pooled), "tokens only": (tokens, blank_pooled),
@@ -57,7 +58,7 @@ def accuracies(pipe, classify, prompt: str, name: str, seeds: list[int]) -> dict
     for condition, (text, pooled_text) in inputs.items():
         n = len(seeds)
         images = pipe(prompt_embeds=text.expand(n, -1, -1), pooled_prompt_embeds=pooled_text.expand(n, -1),
-                      num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                      num_inference_steps=steps, guidance_scale=GUIDANCE,
                       generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         result[condition] = statistics.mean(classify(name, images))
     return result
@@ -88,21 +89,25 @@ def main() -> None:
     parser.add_argument("--pipeline", help="another build of the SDXL demo world (its pipeline folder)")
     parser.add_argument("--erase", nargs="+", choices=list(CONCEPTS), help="also erase these, with and without "
                         "the pooled increment, and compare")
+    parser.add_argument("--smoke", action="store_true", help="2 concepts, 1 seed, 2 steps: checks the script runs")
     args = parser.parse_args()
+    steps, concepts = (2, dict(list(CONCEPTS.items())[:2])) if args.smoke else (STEPS, CONCEPTS)
+    args.seeds = 1 if args.smoke else args.seeds
     pipe = load_pipeline("sdxl") if args.pipeline is None else StableDiffusionXLPipeline.from_pretrained(args.pipeline)
     pipe.set_progress_bar_config(disable=True)
     classify = demo_classifier()
     seeds = list(range(args.seeds))
-    print(f"torch threads: {torch.get_num_threads()}; {args.seeds} seeds, {STEPS} DDIM steps, guidance {GUIDANCE}")
+    print(f"torch threads: {torch.get_num_threads()}; {args.seeds} seeds, {steps} DDIM steps, guidance {GUIDANCE}")
     print("| concept | " + " | ".join(CONDITIONS) + " |")
     print("|---" * (len(CONDITIONS) + 1) + "|")
     table = {}
-    for name, concept in CONCEPTS.items():
-        table[name] = accuracies(pipe, classify, concept.prompt, name, seeds)
+    for name, concept in concepts.items():
+        table[name] = accuracies(pipe, classify, concept.prompt, name, seeds, steps)
         print(f"| {name} | " + " | ".join(f"{table[name][c]:.2f}" for c in CONDITIONS) + " |", flush=True)
     means = {c: statistics.mean(row[c] for row in table.values()) for c in CONDITIONS}
-    styles = [n for n, c in CONCEPTS.items() if c.family == "style"]
-    print(f"styles, pooled only: {statistics.mean(table[n]['pooled only'] for n in styles):.2f}")
+    styles = [n for n, c in concepts.items() if c.family == "style"]
+    if styles:
+        print(f"styles, pooled only: {statistics.mean(table[n]['pooled only'] for n in styles):.2f}")
     print("RESULT " + " ".join(f"{c.replace(' only', '_only')}={means[c]:.2f}" for c in CONDITIONS))
     if not args.erase:
         return

@@ -15,6 +15,7 @@ every column is reported as the candidate default.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rank_quality.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rank_quality.py --ranks 4 full --seeds 4 --max-iterations 50
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rank_quality.py --smoke   # rank 4, a few iterations: checks it runs
 
 The last line is `RESULT rank1=exact/paraphrase/other rank4=... rank16=... full=... default=<rank>`.
 """
@@ -39,7 +40,8 @@ from sepme_adapter.training import TrainConfig, train_erasers
 COLUMNS = ("exact", "paraphrase", "other")
 
 
-def measure(pipe, rank: int | None, config: TrainConfig, seeds: int, cache: str) -> dict[str, float]:
+def measure(pipe, rank: int | None, config: TrainConfig, seeds: int, cache: str, steps: int = STEPS
+            ) -> dict[str, float]:
     """Train at `rank`, load the erasers, and return the three columns averaged over the erased concepts."""
     erasers = train_erasers(pipe, [f"{n}={CONCEPTS[n].prompt}" for n in ERASED], mode="simultaneous",
                             config=replace(config, rank=rank), cache_dir=cache, progress=False)
@@ -48,7 +50,7 @@ def measure(pipe, rank: int | None, config: TrainConfig, seeds: int, cache: str)
     try:
         concepts = [EvalConcept(n, [CONCEPTS[n].prompt], list(CONCEPTS[n].paraphrases[:1]) if n in ERASED else [],
                                 list(range(seeds))) for n in (*ERASED, *KEPT)]
-        results = evaluate(pipe, concepts, demo_classifier(), [[n] for n in ERASED], steps=STEPS,
+        results = evaluate(pipe, concepts, demo_classifier(), [[n] for n in ERASED], steps=steps,
                            guidance_scale=GUIDANCE, progress=False)
     finally:
         pipe.unload_sepme()
@@ -70,19 +72,25 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10, help="images per prompt (default 10)")
     parser.add_argument("--max-iterations", type=int, help="override TrainConfig.max_iterations")
     parser.add_argument("--demo-settings", action="store_true", help="train with demo.job.DEMO_TRAINING")
+    parser.add_argument("--smoke", action="store_true", help="rank 4 only, 3 iterations, 1 seed, 2 steps: checks "
+                        "the script runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = DEMO_TRAINING if args.demo_settings else TrainConfig()
     if args.max_iterations:
         config = replace(config, max_iterations=args.max_iterations)
+    steps = STEPS
+    if args.smoke:
+        config, steps, args.seeds, args.ranks = (replace(config, max_iterations=3, images_per_concept=1, reference_steps=2),
+                                                 2, 1, ["4"])
     pipe = attach(load_pipeline())
     pipe.set_progress_bar_config(disable=True)
     table: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="sepme-rank-") as cache:
         for label in args.ranks:
             started = time.monotonic()
-            table[label] = measure(pipe, None if label == "full" else int(label), config, args.seeds, cache)
+            table[label] = measure(pipe, None if label == "full" else int(label), config, args.seeds, cache, steps)
             row = table[label]
             print(f"rank {label:>4}: exact {row['exact']:.2f}  paraphrase {row['paraphrase']:.2f}  other "
                   f"{row['other']:.2f} (original {row['original_other']:.2f})  file {row['file_kb']:.0f} kB  "

@@ -24,6 +24,7 @@ costs nothing there). Each variant runs in a fresh subprocess (sequentially) so 
 
     .venv/bin/python benchmarks/train_step.py                # tiny + SD v1.5 size (about 7 min, 1 thread)
     .venv/bin/python benchmarks/train_step.py --quick        # tiny only, few steps
+    .venv/bin/python benchmarks/train_step.py --smoke        # tiny only, 3 steps: checks the script runs
     .venv/bin/python benchmarks/train_step.py --one-eraser   # also both variants with 1 concept (+1-2 min)
 
 Time per step is the median, over the steps after warm-up, of the process CPU time (on 1 thread: the work
@@ -134,8 +135,9 @@ def build_pipeline(size: str, latent: int):
                                            clip_sample=False, set_alpha_to_one=False, steps_offset=1)
             self.name_or_path = "random SD v1.5-shaped UNet"
 
-        def encode_prompt(self, prompts, device, num_images_per_prompt, do_classifier_free_guidance):
-            return (torch.cat([self.text_encoder.table[p] for p in prompts]).to(device),)
+        def encode_prompt(self, prompt, device=None, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                          **_):
+            return (torch.cat([self.text_encoder.table[p] for p in prompt]).to(device),)
 
     return UNetOnlyPipeline()
 
@@ -385,7 +387,8 @@ def one_eraser(args: argparse.Namespace, size: str, warmup: int, data: Path) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny UNet only, few steps (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny UNet only, few steps")
+    parser.add_argument("--smoke", action="store_true", help="tiny UNet only, 3 steps: checks the script runs")
     parser.add_argument("--latent", type=int, default=16, help="SD latent side (16: 128x128 pixels)")
     parser.add_argument("--steps", type=int, default=5, help="steps per variant at SD size (first one: warm-up)")
     parser.add_argument("--threads", type=int, default=1,
@@ -408,7 +411,8 @@ def main() -> None:
     started = time.perf_counter()
     print(f"torch {torch.__version__}, {args.threads} thread(s) per variant, cpu; reference increments: "
           f"{args.reference_increments}; each variant in a fresh subprocess, one after the other", flush=True)
-    sizes = [("tiny", "tiny UNet (4 attn2, text 8 x 64, latents 4x8x8)", 6 if args.quick else 12, 2)]
+    args.quick = args.quick or args.smoke
+    sizes = [("tiny", "tiny UNet (4 attn2, text 8 x 64, latents 4x8x8)", 3 if args.smoke else 6 if args.quick else 12, 2)]
     if not args.quick:
         sizes.append(("sd", f"SD v1.5-size UNet (random weights, 16 attn2, text 77 x 768, latents "
                             f"4x{args.latent}x{args.latent})", args.steps, 1))

@@ -19,6 +19,7 @@ The last lines are machine-readable, over the held-out worlds and over the tunin
 `kept_worst` is the worst ratio over composition kept halves and unlisted concepts' prompts.
 """
 
+# smoke: tested elsewhere (tests/test_world_zoo.py runs --quick)
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,8 @@ Needs a Hub token with write access (`hf auth login` or HF_TOKEN); HF_ENDPOINT s
 """
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -47,4 +49,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as error:  # one line, as the `sepme` command prints it; SEPME_DEBUG=1 shows the traceback
+        if os.environ.get("SEPME_DEBUG"):
+            raise
+        from sepme_adapter.cli.errors import describe_error
+
+        message, status = describe_error(error, argparse.Namespace())
+        print(f"push_and_pull.py: error: {message}", file=sys.stderr)
+        sys.exit(status)
