@@ -31,7 +31,7 @@ from diffusers import UNet2DConditionModel
 
 import sepme_adapter
 from sepme_adapter.fingerprint import fingerprint
-from sepme_adapter.hub import save_lora
+from sepme_adapter.hub import export_lora
 from sepme_adapter.loader import erasure_runtime
 from sepme_adapter.testing import sd15_unet_config, tiny_pipeline
 from sepme_adapter.unet import modified_layers
@@ -112,7 +112,7 @@ def main() -> None:
         for label, rank in (("full", None), ("rank16", 16), ("rank4", 4), ("rank1", 1)):
             eraser = random_eraser(pipe, label, m, rank, generator)
             sizes[label] = file_megabytes(eraser, Path(folder))
-            lora = save_lora(eraser, Path(folder) / "lora" / f"{label}.safetensors", format="kohya")
+            lora = export_lora(eraser, Path(folder) / "lora" / f"{label}.safetensors", format="kohya")[0]
             print(f"{label:>6}: eraser file {sizes[label]:8.3f} MB, kohya LoRA export "
                   f"{lora.stat().st_size / 1e6:8.3f} MB (fp16, m = {m})")
 

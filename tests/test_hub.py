@@ -26,7 +26,7 @@ from PIL import Image
 import sepme_adapter
 from sepme_adapter import cli
 from sepme_adapter.text import encode_prompts
-from sepme_adapter.hub import save_lora
+from sepme_adapter.hub import export_lora
 from sepme_adapter.testing import tiny_pipeline
 
 from .helpers import CONCEPTS, make_eraser
@@ -270,7 +270,7 @@ def populate_cache(cache, repo_id, files, commit, ref="main"):
 
 def file_bytes(eraser, tmp_path, lora=False):
     path = tmp_path / "bytes" / ("lora" if lora else "") / f"{eraser.name}.safetensors"
-    return (save_lora(eraser, path) if lora else eraser.save(path)).read_bytes()
+    return (export_lora(eraser, path)[0] if lora else eraser.save(path)).read_bytes()
 
 
 def unet_output(pipe):

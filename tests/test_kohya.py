@@ -18,7 +18,7 @@ from diffusers import UNet2DConditionModel
 import sepme_adapter
 from sepme_adapter import cli
 from sepme_adapter.formats import kohya_name, read_safetensors
-from sepme_adapter.hub import save_lora
+from sepme_adapter.hub import export_lora
 from sepme_adapter.testing import sd15_unet_config, tiny_pipeline
 from sepme_adapter.unet import modified_layers
 
@@ -78,7 +78,7 @@ def test_kohya_names_of_sd15_layers_are_the_ones_comfyui_and_automatic1111_map()
 def test_a_kohya_export_holds_only_what_comfyui_reads_and_adds_exactly_the_increment(rank, tmp_path):
     pipe = sepme_adapter.attach(tiny_pipeline())
     eraser = make_eraser(pipe, "vangogh") if rank is None else make_rank_eraser(pipe, "vangogh", rank=rank)
-    tensors, header = read_safetensors(save_lora(eraser, tmp_path / "vangogh.safetensors", format="kohya"))
+    tensors, header = read_safetensors(export_lora(eraser, tmp_path / "vangogh.safetensors", format="kohya")[0])
     names = {kohya_name(p): p for p in eraser.weights}
     patches, stray = comfy_load(tensors, set(names))
     assert not stray and sorted(patches) == sorted(names)
@@ -94,7 +94,7 @@ def test_a_kohya_export_holds_only_what_comfyui_reads_and_adds_exactly_the_incre
 def test_diffusers_loads_the_kohya_export_with_the_outputs_of_set_erased(rank, tmp_path):
     pipe = sepme_adapter.attach(tiny_pipeline())
     eraser = make_eraser(pipe, "vangogh") if rank is None else make_rank_eraser(pipe, "vangogh", rank=rank)
-    path = save_lora(eraser, tmp_path / "vangogh.safetensors", format="kohya")
+    path = export_lora(eraser, tmp_path / "vangogh.safetensors", format="kohya")[0]
     pipe.load_sepme(eraser)
     plain = tiny_pipeline()
     plain.load_lora_weights(str(path), adapter_name="vangogh")  # diffusers converts the kohya keys itself

@@ -13,7 +13,7 @@ from sepme_adapter import Eraser, EraserFileError
 from sepme_adapter.fingerprint import fingerprint
 from sepme_adapter.text import encode_prompts
 from sepme_adapter.unet import cross_attention_modules
-from sepme_adapter.hub import SEPME_LORA_KEY, export_lora, save_lora
+from sepme_adapter.hub import SEPME_LORA_KEY, export_lora
 from sepme_adapter.testing import tiny_pipeline
 
 from .helpers import CONCEPTS
@@ -102,7 +102,7 @@ def test_plain_diffusers_lora_route_matches_load_sepme_for_every_subset(pipe, er
 
 def test_exported_files_load_back_as_the_same_erasers(pipe, erasers, tmp_path):
     eraser = erasers["picasso"]
-    path = save_lora(eraser, tmp_path / "lora" / "picasso.safetensors")
+    path = export_lora(eraser, tmp_path / "lora" / "picasso.safetensors")[0]
     back = Eraser.load(path)
     assert (back.name, back.prompt, back.known, back.protected, back.beta, back.metadata) == (
         eraser.name, eraser.prompt, eraser.known, eraser.protected, eraser.beta, eraser.metadata)
@@ -114,13 +114,13 @@ def test_exported_files_load_back_as_the_same_erasers(pipe, erasers, tmp_path):
     assert sorted(pipe.load_sepme(tmp_path / "lora")) == ["picasso"]  # a folder of exports, too
     pipe.unload_sepme()
     plain = tiny_pipeline()
-    plain.load_lora_weights(eraser.to_lora_state_dict(), adapter_name="picasso")  # in memory, no metadata
+    plain.load_lora_weights(eraser.to_lora()[0], adapter_name="picasso")  # in memory, no metadata
     assert close(unet_output(plain), runtime_output)
 
 
 def test_a_dense_eraser_exports_as_an_exact_full_rank_lora(pipe, tmp_path):
     dense = dense_eraser(pipe)
-    path = save_lora(dense, tmp_path / "dense.safetensors")
+    path = export_lora(dense, tmp_path / "dense.safetensors")[0]
     plain = tiny_pipeline()
     plain.load_lora_weights(str(path), adapter_name="dense")
     pipe.load_sepme(dense)
@@ -133,7 +133,7 @@ def test_a_dense_eraser_exports_as_an_exact_full_rank_lora(pipe, tmp_path):
 
 
 def test_damaged_or_foreign_lora_files_are_refused_clearly(erasers, tmp_path):
-    path = save_lora(erasers["vangogh"], tmp_path / "v.safetensors")
+    path = export_lora(erasers["vangogh"], tmp_path / "v.safetensors")[0]
     tensors, header = sepme_adapter.formats.read_safetensors(path)
     first = next(k for k in tensors if k.endswith("lora_A.weight"))
     tensors[first] = tensors[first] * 2

@@ -9,7 +9,7 @@ import sepme_adapter
 from sepme_adapter import BaseModelMismatchError, EraserFileError
 from sepme_adapter.certificate import leakage_certificate
 from sepme_adapter.formats import read_safetensors
-from sepme_adapter.hub import file_size, model_card, save_lora
+from sepme_adapter.hub import export_lora, file_size, model_card
 from sepme_adapter.testing import tiny_pipeline
 from sepme_adapter.training import TrainConfig, train_erasers
 from sepme_adapter.unet import layer_weight
@@ -99,7 +99,7 @@ def test_run_time_increments_fused_weights_and_explicit_deltas_agree_for_rank_r(
 def test_the_diffusers_lora_export_of_a_rank_r_eraser_is_rank_r_and_equals_set_erased(tmp_path):
     pipe = sepme_adapter.attach(tiny_pipeline())
     eraser = make_rank_eraser(pipe, "vangogh", rank=2)
-    path = save_lora(eraser, tmp_path / "lora.safetensors")
+    path = export_lora(eraser, tmp_path / "lora.safetensors")[0]
     tensors, _ = read_safetensors(path)
     assert {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")} == {2}
     pipe.load_sepme(eraser)

@@ -17,7 +17,7 @@ from diffusers import (
 from PIL import Image
 
 import sepme_adapter
-from sepme_adapter.hub import base_pipeline_class, model_card, save_lora
+from sepme_adapter.hub import base_pipeline_class, export_lora, model_card
 from sepme_adapter.pipelines import load_pipeline
 from sepme_adapter.testing import tiny_pipeline, tiny_sdxl_pipeline
 from sepme_adapter.text import (
@@ -139,7 +139,7 @@ def test_load_lora_weights_of_the_export_equals_set_erased(xl, xl_erasers, tmp_p
             weights={k: torch.randn(w.shape[0], rank, generator=generator) * 2000.0 * m**0.5
                      for k, w in sorted(eraser.weights.items())},
         )
-    path = save_lora(eraser, tmp_path / "vangogh.safetensors")
+    path = export_lora(eraser, tmp_path / "vangogh.safetensors")[0]
     xl.load_sepme(eraser)
     plain = tiny_sdxl_pipeline()
     assert isinstance(plain, StableDiffusionXLPipeline)

@@ -12,7 +12,7 @@ from diffusers import StableDiffusionXLPipeline
 
 import sepme_adapter
 from sepme_adapter.errors import EraserFileError
-from sepme_adapter.hub import save_lora
+from sepme_adapter.hub import export_lora
 from sepme_adapter.testing import tiny_sdxl_pipeline
 from sepme_adapter.testing.conformance import random_eraser
 from sepme_adapter.text import added_cond_kwargs, encode_prompts_pooled
@@ -113,7 +113,7 @@ def test_file_and_lora_round_trips_keep_the_pooled_basis(tmp_path):
     loaded = sepme_adapter.Eraser.load(eraser.save(tmp_path / "vangogh.safetensors"))
     assert torch.equal(loaded.pooled_basis, eraser.pooled_basis)
     assert torch.equal(loaded.delta(POOLED_LAYER), eraser.delta(POOLED_LAYER))
-    path = save_lora(eraser, tmp_path / "vangogh-lora.safetensors")
+    path = export_lora(eraser, tmp_path / "vangogh-lora.safetensors")[0]
     exported = sepme_adapter.Eraser.load(path)
     delta = eraser.delta(POOLED_LAYER)  # lora_B = beta * w, read back as lora_B / beta: float32 round-off
     assert (exported.delta(POOLED_LAYER) - delta).abs().max() <= 1e-5 * delta.abs().max()

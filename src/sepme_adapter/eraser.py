@@ -43,6 +43,8 @@ from .formats import (
     is_sepme_lora,
     layer_downs,
     layer_weights,
+    LORA_FORMATS,
+    kohya_from_lora,
     lora_from_eraser,
     read_safetensors,
 )
@@ -313,16 +315,19 @@ class Eraser:
                 tensors[POOLED_BASIS_KEY] = self.pooled_basis.detach().cpu().contiguous()
         return tensors
 
-    def to_lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The increment as a standard diffusers LoRA: `unet.<layer>.lora_A.weight = S_p^T` (rank r: `A S_p^T`),
-        `.lora_B.weight = beta * w` (scale 1), for `pipe.load_lora_weights(state_dict, adapter_name=...)`; see `hub.save_lora`."""
-        self.validate()
-        return lora_from_eraser(self.state_dict(), self.header())[0]
+    def to_lora(self, format: str = "diffusers") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The increment as a standard LoRA (scale 1, adds exactly `dW`): tensors and safetensors header.
 
-    def to_lora(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The standard-LoRA export: state dict and safetensors header (see `formats.lora_from_eraser`)."""
+        `format="diffusers"`: PEFT keys, `unet.<layer>.lora_A.weight = S_p^T` (rank r: `A S_p^T`) and
+        `.lora_B.weight = beta * w`, for `pipe.load_lora_weights(tensors, adapter_name=...)`; `"kohya"`:
+        `lora_unet_<layer>.lora_down.weight` / `.lora_up.weight` / `.alpha`, for ComfyUI and Automatic1111.
+        `hub.export_lora` writes the files (the one export path; `sepme export-lora` and `push_to_hub` use it).
+        """
+        if format not in LORA_FORMATS:
+            raise ValueError(f"unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
         self.validate()
-        return lora_from_eraser(self.state_dict(), self.header())
+        tensors, header = lora_from_eraser(self.state_dict(), self.header())
+        return kohya_from_lora(tensors, header) if format == "kohya" else (tensors, header)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the eraser atomically (temp file in the same folder, then rename)."""
@@ -348,7 +353,7 @@ class Eraser:
         def fail(problem: str) -> EraserFileError:
             return EraserFileError(f"{source}: {problem}")
 
-        if is_sepme_lora(header):  # a standard-LoRA export of an eraser (hub.save_lora)
+        if is_sepme_lora(header):  # a standard-LoRA export of an eraser (hub.export_lora)
             tensors, header = eraser_from_lora(tensors, header, source)
         if header.get("format") != FORMAT_NAME:
             hint = (" It looks like a plain LoRA file, not one exported by sepme-adapter: load it with "

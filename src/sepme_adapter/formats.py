@@ -168,6 +168,9 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
     return lora, lora_header
 
 
+LORA_FORMATS = ("diffusers", "kohya")  # PEFT `unet.<layer>.lora_A.weight`; kohya `lora_unet_<layer>.lora_down.weight`
+
+
 def kohya_name(layer_path: str) -> str:
     """The kohya / ComfyUI / Automatic1111 name of a UNet layer: `lora_unet_` + its diffusers path, dots as `_`."""
     return KOHYA_PREFIX + layer_path.replace(".", "_")
@@ -218,7 +221,7 @@ def lora_from_kohya(kohya: StateDict, layers: list[str], fail: Any) -> StateDict
 
 
 def is_sepme_lora(header: Header) -> bool:
-    """True for the metadata of a file written by `save_lora` / `sepme export-lora`."""
+    """True for the metadata of a file written by `export_lora` / `sepme export-lora`."""
     return SEPME_LORA_KEY in header and header.get("format") != FORMAT_NAME
 
 

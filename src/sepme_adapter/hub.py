@@ -21,10 +21,9 @@ from typing import TYPE_CHECKING, Any
 from .eraser import Eraser
 from .errors import EraserFileError
 from .files import eraser_filename
-from .formats import SEPME_LORA_KEY, atomic_save_safetensors, kohya_from_lora, serialized_size
+from .formats import LORA_FORMATS, SEPME_LORA_KEY, atomic_save_safetensors, serialized_size
 
 LORA_FOLDER = "lora"  # where push_to_hub puts the plain-diffusers exports inside a repo
-LORA_FORMATS = ("diffusers", "kohya")  # PEFT `unet.<layer>.lora_A.weight`; kohya `lora_unet_<layer>.lora_down.weight`
 LIBRARY_NAME = "sepme-adapter"
 TAGS = ["sepme", "concept-erasure", "diffusers", "lora", "text-to-image"]
 
@@ -34,34 +33,7 @@ if TYPE_CHECKING:
 ErasersOrPaths = Eraser | str | os.PathLike | Iterable[Eraser | str | os.PathLike]
 
 
-# ------------------------------------------------------------------ LoRA export
-def lora_state_dict(eraser: Eraser, format: str = "diffusers") -> tuple[dict[str, Any], dict[str, str]]:
-    """The eraser's standard-LoRA tensors and header in `format` (`"diffusers"` or `"kohya"`)."""
-    if format not in LORA_FORMATS:
-        raise ValueError(f"unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
-    tensors, header = eraser.to_lora()
-    return kohya_from_lora(tensors, header) if format == "kohya" else (tensors, header)
-
-
-def save_lora(eraser: Eraser, path: str | os.PathLike, format: str = "diffusers") -> Path:
-    """Write the eraser as one standard LoRA `.safetensors` file (atomic, like `Eraser.save`).
-
-    `format="diffusers"`: PEFT keys (`unet.<layer>.lora_A.weight`); `"kohya"`: `lora_unet_<layer>.lora_down.weight`
-    / `.lora_up.weight` / `.alpha`, for ComfyUI's and Automatic1111's LoRA loaders. Both add exactly `dW`.
-
-    Example:
-        >>> save_lora(Eraser.load("picasso.safetensors"), "lora/picasso.safetensors")
-        >>> pipe.load_lora_weights("lora/picasso.safetensors", adapter_name="picasso")  # plain diffusers
-        >>> save_lora(Eraser.load("picasso.safetensors"), "ComfyUI/models/loras/picasso.safetensors", format="kohya")
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"LoRA exports are .safetensors files; got {str(path)!r}")
-    tensors, header = lora_state_dict(eraser, format)
-    atomic_save_safetensors(tensors, path, header)
-    return path
-
-
+# ------------------------------------------------------------------ sizes
 def file_size(eraser: Eraser) -> int:
     """The size in bytes of the eraser's own `.safetensors` file (`Eraser.save`)."""
     return serialized_size(eraser.state_dict(), eraser.header())
@@ -92,14 +64,17 @@ def _gather(erasers_or_paths: ErasersOrPaths) -> list[tuple[str, Eraser, Path | 
 
 
 def export_lora(erasers_or_paths: ErasersOrPaths, output: str | os.PathLike, format: str = "diffusers") -> list[Path]:
-    """Write each eraser as a standard LoRA file; `output` is a folder, or a file for one eraser.
+    """Write each eraser as a standard LoRA `.safetensors` file (atomic, like `Eraser.save`); `output` is a
+    folder, or a file for one eraser. The layouts are `Eraser.to_lora`'s.
 
     `format`: `"diffusers"` (PEFT keys, `pipe.load_lora_weights`) or `"kohya"` (ComfyUI, Automatic1111;
-    diffusers loads these too).
+    diffusers loads these too). Both add exactly `dW`.
 
     Example:
         >>> export_lora(["vangogh.safetensors", "picasso.safetensors"], "lora")
         [PosixPath('lora/vangogh.safetensors'), PosixPath('lora/picasso.safetensors')]
+        >>> pipe.load_lora_weights("lora/vangogh.safetensors", adapter_name="vangogh")  # plain diffusers
+        >>> export_lora("picasso.safetensors", "ComfyUI/models/loras/picasso.safetensors", format="kohya")
     """
     entries = _gather(erasers_or_paths)
     output = Path(output)
@@ -116,7 +91,10 @@ def export_lora(erasers_or_paths: ErasersOrPaths, output: str | os.PathLike, for
                              f"choose another output folder")
     if format not in LORA_FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}; choose one of {', '.join(LORA_FORMATS)}")
-    return [save_lora(eraser, target, format) for (_, eraser, _), target in zip(entries, targets)]
+    for (_, eraser, _), target in zip(entries, targets):
+        tensors, header = eraser.to_lora(format)
+        atomic_save_safetensors(tensors, target, header)
+    return targets
 
 
 # ------------------------------------------------------------------ model card
@@ -332,7 +310,7 @@ def push_to_hub(
                 source = eraser.save(Path(folder) / file_name)
             operations.append(CommitOperationAdd(path_in_repo=file_name, path_or_fileobj=source.read_bytes()))
             if include_lora:
-                exported = save_lora(eraser, Path(folder) / LORA_FOLDER / file_name)
+                (exported,) = export_lora(eraser, Path(folder) / LORA_FOLDER / file_name)
                 operations.append(CommitOperationAdd(path_in_repo=f"{LORA_FOLDER}/{file_name}",
                                                      path_or_fileobj=exported.read_bytes()))
     lora_files = {f[len(LORA_FOLDER) + 1:] for f in repo_files if f.startswith(f"{LORA_FOLDER}/")}
@@ -344,5 +322,5 @@ def push_to_hub(
     return api.create_commit(repo_id, operations, commit_message=message, revision=revision)
 
 
-__all__ = ["LORA_FORMATS", "SEPME_LORA_KEY", "export_lora", "file_size", "lora_state_dict", "model_card",
-           "push_to_hub", "save_lora"]
+__all__ = ["LORA_FORMATS", "SEPME_LORA_KEY", "export_lora", "file_size", "model_card",
+           "push_to_hub"]
