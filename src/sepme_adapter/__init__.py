@@ -9,6 +9,8 @@ Example:
 
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
+from .lazy import lazy_exports
+
 # Names are imported on first use (PEP 562), so `import sepme_adapter.cli` and `sepme --help` do not load
 # torch and diffusers; `from sepme_adapter import attach` works as before.
 _EXPORTS = {
@@ -32,18 +34,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):  # noqa: ANN202 - PEP 562 lazy exports
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
 if _TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly

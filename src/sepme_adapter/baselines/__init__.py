@@ -1,4 +1,4 @@
-"""Baselines in the same harness (issue 7): ESD-x, Concept Ablation, Forget-Me-Not and UCE.
+"""Baselines in the same harness: ESD-x, Concept Ablation, Forget-Me-Not and UCE.
 
 Each method produces one dense `Eraser` per concept (`basis=None`, `beta=1.0`, `weights` = the
 full weight change of the `attn2` layers it edits), so the same loader toggles it with
@@ -30,20 +30,46 @@ What differs from the original papers (said again in the report of each eraser's
 | `train` | `train_baseline`: one dense eraser per concept |
 """
 
-from .attention import capture_attention
-from .config import (
-    ANCHOR_METHODS,
-    DEFAULT_ANCHORS,
-    LAYER_SETS,
-    METHOD_FIELDS,
-    METHODS,
-    PAPERS,
-    SHARED_FIELDS,
-    BaselineConfig,
-    field_choices,
-)
-from .objectives import ablation_loss, concept_token_positions, esd_loss, fmn_loss, uce_increments
-from .train import train_baseline
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
+
+# Imported on first use, so `sepme erase --help` reads `BaselineConfig` without loading torch and diffusers.
+_EXPORTS = {
+    "capture_attention": ".attention",
+    "ANCHOR_METHODS": ".config",
+    "DEFAULT_ANCHORS": ".config",
+    "LAYER_SETS": ".config",
+    "METHOD_FIELDS": ".config",
+    "METHODS": ".config",
+    "PAPERS": ".config",
+    "SHARED_FIELDS": ".config",
+    "BaselineConfig": ".config",
+    "field_choices": ".config",
+    "ablation_loss": ".objectives",
+    "concept_token_positions": ".objectives",
+    "esd_loss": ".objectives",
+    "fmn_loss": ".objectives",
+    "uce_increments": ".objectives",
+    "train_baseline": ".train",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from .attention import capture_attention
+    from .config import (
+        ANCHOR_METHODS,
+        DEFAULT_ANCHORS,
+        LAYER_SETS,
+        METHOD_FIELDS,
+        METHODS,
+        PAPERS,
+        SHARED_FIELDS,
+        BaselineConfig,
+        field_choices,
+    )
+    from .objectives import ablation_loss, concept_token_positions, esd_loss, fmn_loss, uce_increments
+    from .train import train_baseline
 
 __all__ = [
     "ANCHOR_METHODS",

@@ -13,16 +13,46 @@
 | `report` | `write_report`: JSON and loss curves |
 """
 
-from ..files import eraser_filename
-from .checkpoints import load_checkpoint, save_checkpoint
-from .concepts import Concept, check_concepts, prepare_concepts
-from .config import MODES, TrainConfig, check_numbers
-from .harness import frozen_model, noisy_latents, zero_weights
-from .objective import MomentumStop, balance_weights, correlation_loss, l1_norm_per_layer
-from .reference import reference_latents
-from .report import write_report
-from .track import ConceptTrack
-from .train import train_erasers
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
+
+# Imported on first use, so `sepme erase --help` reads `TrainConfig` without loading torch and diffusers.
+_EXPORTS = {
+    "eraser_filename": "..files",
+    "load_checkpoint": ".checkpoints",
+    "save_checkpoint": ".checkpoints",
+    "Concept": ".concepts",
+    "check_concepts": ".concepts",
+    "prepare_concepts": ".concepts",
+    "MODES": ".config",
+    "TrainConfig": ".config",
+    "check_numbers": ".config",
+    "frozen_model": ".harness",
+    "noisy_latents": ".harness",
+    "zero_weights": ".harness",
+    "MomentumStop": ".objective",
+    "balance_weights": ".objective",
+    "correlation_loss": ".objective",
+    "l1_norm_per_layer": ".objective",
+    "reference_latents": ".reference",
+    "write_report": ".report",
+    "ConceptTrack": ".track",
+    "train_erasers": ".train",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from ..files import eraser_filename
+    from .checkpoints import load_checkpoint, save_checkpoint
+    from .concepts import Concept, check_concepts, prepare_concepts
+    from .config import MODES, TrainConfig, check_numbers
+    from .harness import frozen_model, noisy_latents, zero_weights
+    from .objective import MomentumStop, balance_weights, correlation_loss, l1_norm_per_layer
+    from .reference import reference_latents
+    from .report import write_report
+    from .track import ConceptTrack
+    from .train import train_erasers
 
 __all__ = [
     "MODES",
