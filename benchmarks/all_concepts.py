@@ -1,4 +1,4 @@
-"""All eight demo concepts erased together with the library defaults (issue 12's second target).
+"""All eight demo concepts erased together with the library defaults.
 
 Each of the eight demo concepts (four objects, four styles) is given as its four phrasings and all
 eight erasers train together (simultaneous mode: each basis excludes the other seven's 28 prompts,

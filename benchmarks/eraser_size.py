@@ -1,4 +1,4 @@
-"""Eraser file size and run-time increment cost at SD v1.5 shape: full rank versus rank 4 and rank 1 (issue 13).
+"""Eraser file size and run-time increment cost at SD v1.5 shape: full rank versus rank 4 and rank 1.
 
 No training is needed to measure the layout: an SD v1.5-shaped UNet with random weights
 (`sd15_unet_config()`, 16 `attn2` layers, 32 `to_k` / `to_v`, text width 768) gets erasers with a random

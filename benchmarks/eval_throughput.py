@@ -2,7 +2,7 @@
 
 The workload is an evaluation's: the demo world's pipeline with three erasers loaded (random `w` on
 each concept's real null space), prompts x seeds x erased states (the original model and every
-subset). The old way (the evaluation before issue 14) sets each state with `set_erased` and makes
+subset). The old way (the evaluation before the batched engine) sets each state with `set_erased` and makes
 each prompt's seeds in one pipeline call; the engine mixes prompts, seeds and erased subsets in
 calls of `--batch-size` images. Both make the same images (checked: largest difference, 0-1
 scale); each is timed twice, interleaved (old, new, old, new), and the faster of each pair counts.

@@ -1,4 +1,4 @@
-"""How much of a concept reaches the SDXL demo world's images through the pooled path alone (issue 15).
+"""How much of a concept reaches the SDXL demo world's images through the pooled path alone.
 
 SDXL conditions its UNet on the prompt twice: the per-token embeddings every `attn2` reads, and the
 pooled embedding (the second encoder's projected end-of-text token) that `add_embedding` adds to the

@@ -1,4 +1,4 @@
-"""Erasure quality vs rank on the demo world (issue 13): rank 1, 4, 16 and full, with the library defaults.
+"""Erasure quality vs rank on the demo world: rank 1, 4, 16 and full, with the library defaults.
 
 For each rank, trains the demo's three erasers (`demo.job.ERASED`, simultaneous mode, each knowing the
 others) with `TrainConfig()` (only `rank` changed; `--demo-settings` uses the demo job's `DEMO_TRAINING`

@@ -1,4 +1,4 @@
-"""Baselines in the same harness (issue 7): ESD-x, Concept Ablation, Forget-Me-Not and UCE."""
+"""Baselines in the same harness: ESD-x, Concept Ablation, Forget-Me-Not and UCE."""
 
 import json
 

@@ -1,6 +1,6 @@
 """Conformance: every diffusers feature in `sepme_adapter.testing.conformance` behaves with erasers
 loaded (bit-identical to plain diffusers) and active (equal to the base model with the increments
-in its weights) exactly as plain diffusers does (issue 16)."""
+in its weights) exactly as plain diffusers does."""
 
 import pytest
 

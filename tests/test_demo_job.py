@@ -37,7 +37,7 @@ def test_the_quick_demo_erases_restores_and_reports(tmp_path, capsys):
     everything = next(s for s in results["subsets"] if len(s["erased"]) == 3)
     for measure in ("accuracy", "paraphrase_accuracy", "composition_accuracy", "composition_partner_accuracy"):
         assert set(ERASED) <= set(everything[measure])
-    # erased concepts are recognised less (how much is the training's business; the issue-12 targets are
+    # erased concepts are recognised less (how much is the training's business; the generalisation targets are
     # checked on the full demo)
     assert everything["summary"]["erased_exact"] <= 0.5
     for subset in results["subsets"]:

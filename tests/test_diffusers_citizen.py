@@ -1,4 +1,4 @@
-"""A good diffusers citizen (issue 16): each breakage measured with erasers loaded, one test each.
+"""A good diffusers citizen: each breakage measured with erasers loaded, one test each.
 
 Numbered as in the issue: 1-8 are the measured breakages, the rest its smaller items.
 """

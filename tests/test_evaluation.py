@@ -1,4 +1,4 @@
-"""The evaluation harness (issue 4) on a tiny pipeline with a simple stand-in classifier."""
+"""The evaluation harness on a tiny pipeline with a simple stand-in classifier."""
 
 import json
 

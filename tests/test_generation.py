@@ -1,4 +1,4 @@
-"""Batched generation (issue 14): every image is a function of (prompt, seed, erased set) alone."""
+"""Batched generation: every image is a function of (prompt, seed, erased set) alone."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Hostile inputs and faults (issue 6): every bad file ends in EraserFileError, never a silent wrong model."""
+"""Hostile inputs and faults: every bad file ends in EraserFileError, never a silent wrong model."""
 
 import json
 import os

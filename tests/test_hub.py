@@ -1,4 +1,4 @@
-"""Hub push and pull through the real huggingface_hub client, offline (issue 5).
+"""Hub push and pull through the real huggingface_hub client, offline.
 
 (a) a pre-populated cache read with `HF_HUB_OFFLINE=1`; (b) a small Hub-compatible HTTP server on
 127.0.0.1 serving exactly the endpoints huggingface_hub 2.4 calls to create a repo, commit

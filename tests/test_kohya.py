@@ -1,4 +1,4 @@
-"""Kohya / `lora_unet_...` exports (issue 13): the files ComfyUI and Automatic1111 load add exactly the increment.
+"""Kohya / `lora_unet_...` exports: the files ComfyUI and Automatic1111 load add exactly the increment.
 
 What ComfyUI expects, from its `comfy/lora.py` and `comfy/utils.py` (mirrored here, not imported):
 `model_lora_keys_unet` names a UNet weight `lora_unet_` + its diffusers key without `.weight`, dots as

@@ -1,4 +1,4 @@
-"""The guarantees of the core adapter on tiny random-weight pipelines (issue 2)."""
+"""The guarantees of the core adapter on tiny random-weight pipelines."""
 
 import itertools
 import warnings

@@ -1,4 +1,4 @@
-"""Erasers as standard LoRA files, and erasers beside a user's own LoRA and IP-Adapter (issue 5)."""
+"""Erasers as standard LoRA files, and erasers beside a user's own LoRA and IP-Adapter."""
 
 import itertools
 import warnings

@@ -1,4 +1,4 @@
-"""Rank-r erasers (issue 13): `dW = beta * B @ (A S_p^T)`, a small standard LoRA that keeps SepME's exactness."""
+"""Rank-r erasers: `dW = beta * B @ (A S_p^T)`, a small standard LoRA that keeps SepME's exactness."""
 
 import itertools
 

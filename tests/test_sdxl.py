@@ -1,4 +1,4 @@
-"""SDXL and SD 2.x (issue 15) on tiny random-weight pipelines: the loader's guarantees on SDXL's two text
+"""SDXL and SD 2.x on tiny random-weight pipelines: the loader's guarantees on SDXL's two text
 encoders (prompt embeddings of both side by side), its pooled / time-id added conditions in training, the
 zero unconditional branch of `force_zeros_for_empty_prompt`, and v-prediction training."""
 

@@ -1,4 +1,4 @@
-"""The baselines (ESD-x, Concept Ablation, Forget-Me-Not, UCE) on an SDXL UNet (issue 15): every UNet call
+"""The baselines (ESD-x, Concept Ablation, Forget-Me-Not, UCE) on an SDXL UNet: every UNet call
 of the training-based methods carries the pooled text embeddings and time ids, and each dense eraser loads
 with `load_sepme`, changes the UNet's output and toggles off bit-exactly."""
 

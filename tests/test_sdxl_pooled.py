@@ -1,4 +1,4 @@
-"""SDXL's pooled path (issue 15): the pooled text embedding enters the UNet through `add_embedding.linear_1`,
+"""SDXL's pooled path: the pooled text embedding enters the UNet through `add_embedding.linear_1`,
 not `attn2`, so an eraser also carries a pooled increment `beta * w S_pool^T` on that layer's pooled-text
 columns, `S_pool` the null space of the excluded prompts' pooled embeddings. The same guarantees as the
 `attn2` increments: nothing erased is bit-identical, excluded prompts keep their added embedding exactly for

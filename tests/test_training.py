@@ -1,4 +1,4 @@
-"""Training erasers (issue 3): the paper's objective, modes, guarantees, resume and bad input."""
+"""Training erasers: the paper's objective, modes, guarantees, resume and bad input."""
 
 import pytest
 import torch

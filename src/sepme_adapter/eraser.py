@@ -152,7 +152,7 @@ class Eraser:
         return total / max(len(self.weights), 1)
 
     def is_separable_from(self, other: Eraser) -> bool:
-        """Guaranteed separable: both bases exclude all of each other's prompts (DESIGN.md)."""
+        """Guaranteed separable: both bases exclude all of each other's prompts."""
         return (
             self.separable
             and other.separable

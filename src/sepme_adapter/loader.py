@@ -1,4 +1,4 @@
-"""The pipeline mixin: `load_sepme`, `set_erased`, `unload_sepme`, `fuse_sepme` (DESIGN.md).
+"""The pipeline mixin: `load_sepme`, `set_erased`, `unload_sepme`, `fuse_sepme`.
 
 Like diffusers' `IPAdapterMixin`, a pipeline gains the methods through `SepMELoaderMixin`
 (or `attach(pipe)` on an existing instance). The loader walks the UNet, checks that each

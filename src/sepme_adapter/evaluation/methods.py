@@ -1,4 +1,4 @@
-"""Several methods' erasers (SepME, G-CiRs, the baselines) evaluated side by side in one run (issue 7)."""
+"""Several methods' erasers (SepME, G-CiRs, the baselines) evaluated side by side in one run."""
 
 from __future__ import annotations
 

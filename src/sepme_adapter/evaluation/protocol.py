@@ -29,7 +29,7 @@ Classify = Callable[[str, Sequence[Image.Image]], Sequence[bool]]
 
 @dataclass
 class EvalConcept:
-    """A concept under evaluation, with seeds, and its prompts in three measures (issue 12):
+    """A concept under evaluation, with seeds, and its prompts in three measures:
 
     - `prompts`: the exact prompts (those the eraser was trained on);
     - `paraphrases`: held-out phrasings, never used in training;

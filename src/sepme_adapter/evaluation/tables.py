@@ -83,7 +83,7 @@ def _mean(values: Iterable[float | None]) -> float | None:
 
 
 def generalisation_summary(results: dict[str, Any], entry: dict[str, Any]) -> dict[str, float | None]:
-    """One subset's issue-12 figures: erased concepts' ACC on exact prompts, held-out paraphrases and in
+    """One subset's generalisation figures: erased concepts' ACC on exact prompts, held-out paraphrases and in
     compositions; the kept half of their compositions and every other concept, as fractions of the original."""
     original = results["original"]
     erased = [c for c in results["concepts"] if c in entry.get("erased_concepts", entry["erased"])]
@@ -124,7 +124,7 @@ SUMMARY_COLUMNS = {
 
 
 def summary_table(results: dict[str, Any]) -> list[str]:
-    """The generalisation summary (issue 12), one row per subset: means over its erased / other concepts."""
+    """The generalisation summary, one row per subset: means over its erased / other concepts."""
     rows = []
     for entry in results["subsets"]:
         figures = generalisation_summary(results, entry)
