@@ -167,8 +167,10 @@ def test_bare_sepme_prints_usage_and_exits_2(capsys):
     assert exit_info.value.code == 2
 
 
-def test_sepme_help_loads_neither_torch_nor_diffusers():
-    code = ("import sys\nfrom sepme_adapter.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print('LOADED', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+@pytest.mark.parametrize("command", [[], *([name] for name in COMMANDS)], ids=lambda c: " ".join(c) or "sepme")
+def test_help_loads_neither_torch_nor_diffusers(command):
+    code = (f"import sys\nfrom sepme_adapter.cli import main\ntry:\n    main({[*command, '--help']!r})\n"
+            f"except SystemExit:\n    pass\n"
+            f"print('LOADED', sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "erase" in result.stdout and "LOADED []" in result.stdout, result.stdout + result.stderr
+    assert "usage: sepme" in result.stdout and "LOADED []" in result.stdout, result.stdout + result.stderr
