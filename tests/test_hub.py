@@ -25,9 +25,9 @@ from PIL import Image
 
 import sepme_adapter
 from sepme_adapter import cli
-from sepme_adapter.text import encode_prompts
 from sepme_adapter.hub import export_lora
 from sepme_adapter.testing import tiny_pipeline
+from sepme_adapter.text import encode_prompts
 
 from .helpers import CONCEPTS, make_eraser
 

@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 import sepme_adapter
 from sepme_adapter import Eraser, EraserFileError
 from sepme_adapter.fingerprint import fingerprint
-from sepme_adapter.text import encode_prompts
-from sepme_adapter.unet import cross_attention_modules
 from sepme_adapter.hub import SEPME_LORA_KEY, export_lora
 from sepme_adapter.testing import tiny_pipeline
+from sepme_adapter.text import encode_prompts
+from sepme_adapter.unet import cross_attention_modules
 
 from .helpers import CONCEPTS
 

@@ -56,8 +56,8 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .classifier import ConceptClassifier, Sampler, held_out_accuracy, train_classifier
 from ..testing.tokenizer import write_word_tokenizer
+from .classifier import ConceptClassifier, Sampler, held_out_accuracy, train_classifier
 from .world import (
     CONCEPTS,
     LABELS,
