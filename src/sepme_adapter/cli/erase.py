@@ -337,5 +337,5 @@ def run(args: argparse.Namespace) -> int:
     from ..training import write_report
 
     json_path, png_path = write_report(erasers, out)
-    print(f"report: {json_path}, {png_path}")
+    print(f"report: {json_path}" + (f", {png_path}" if png_path else ""))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _write_json(erasers: Sequence[Eraser], folder: Path) -> Path:
 
 
 def _plot_curves(erasers: Sequence[Eraser], path: Path) -> Path:
-    matplotlib = require("matplotlib", "the training report's loss curves")
+    matplotlib = require("matplotlib", "the training report's loss-curve plot")
     matplotlib.use("Agg")  # a plotting backend is chosen before pyplot is imported
     import matplotlib.pyplot as plt
 
@@ -61,8 +62,16 @@ def _plot_curves(erasers: Sequence[Eraser], path: Path) -> Path:
     return path
 
 
-def write_report(erasers: Sequence[Eraser], folder: str | Path) -> tuple[Path, Path]:
-    """`training_report.json` (settings, statistics, loss histories) and `loss_curves.png`."""
+def write_report(erasers: Sequence[Eraser], folder: str | Path) -> tuple[Path, Path | None]:
+    """`training_report.json` (settings, statistics, loss histories) and `loss_curves.png`; without matplotlib
+    (the `[train]` extra) the curves are left out with a warning (None), the JSON is written all the same."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return _write_json(erasers, folder), _plot_curves(erasers, folder / "loss_curves.png")
+    json_path = _write_json(erasers, folder)
+    try:
+        return json_path, _plot_curves(erasers, folder / "loss_curves.png")
+    except ImportError as error:
+        if error.name != "matplotlib":
+            raise
+        warnings.warn(f"no loss_curves.png: {error}", stacklevel=2)
+        return json_path, None
