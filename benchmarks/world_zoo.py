@@ -237,13 +237,16 @@ def main(argv: list[str] | None = None) -> int:
         erasers = train(world, config)
         trained = time.process_time() - cpu
         result = measure(world, erasers, seeds, steps=steps)
+        gate = world.recipe.get("quality_gate", {})
+        result["quality_gate"] = {"passed": world.recipe.get("passed"), "worst": gate.get("worst")}
         result["training"] = {e.name: {"iterations": e.metadata.get("stats", {}).get("iterations"),
                                        "certificate": e.certificate} for e in erasers}
         result["cpu_s"] = {"train": round(trained, 1), "total": round(time.process_time() - cpu, 1)}
         result["wall_s"] = round(time.perf_counter() - wall, 1)
         results.append(result)
         print(table(result))
-        print(f"training: {result['training']}; CPU s {result['cpu_s']}, wall {result['wall_s']} s\n", flush=True)
+        print(f"training: {result['training']}; quality gate {result['quality_gate']}; CPU s {result['cpu_s']}, "
+              f"wall {result['wall_s']} s\n", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"overrides": overrides, "results": results}, indent=2, default=str))
     print("# summary (one row per world)")

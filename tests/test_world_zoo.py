@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.worlds import ZOO, World, load_world  # noqa: E402
 from benchmarks.worlds.spec import PLAIN, make_spec, render_array  # noqa: E402
+
 from sepme_adapter.testing.tokenizer import write_word_tokenizer  # noqa: E402
 
 QUICK_SEED = 13  # world_zoo.py --quick's world

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -170,6 +171,11 @@ def load_world(key: int | str, quick: bool = False) -> World:
     for name in (*spec.objects, *spec.styles):
         prompts = spec.prompts(name)
         concepts[name] = WorldConcept(name, spec.family(name), prompts[0], tuple(prompts[1:]))
+    report = json.loads((folder / "recipe.json").read_text())
+    if not quick and not report.get("passed", False):
+        warnings.warn(f"world {seed} did not pass its quality gate (worst concept prompt accuracy "
+                      f"{report['quality_gate']['worst']:.2f} < {report['quality_gate']['min_accuracy']}); "
+                      f"see {folder / 'recipe.json'}", stacklevel=2)
     role = ZOO.get(seed, "unlisted") + ("-quick" if quick else "")
     return World(f"world-{seed}{'-quick' if quick else ''}", seed, role, concepts, spec.composition_templates,
                  folder / "pipeline", folder / "classifiers", folder)
