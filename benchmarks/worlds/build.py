@@ -18,14 +18,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from safetensors.torch import load_file
 
 from sepme_adapter.demo import ASSETS as DEMO_ASSETS
 from sepme_adapter.demo.build import Recipe, _timed, random_text_encoder, sd_conditioning, train_unet
 from sepme_adapter.demo.classifier import ConceptClassifier, held_out_accuracy, train_classifier
-from sepme_adapter.testing.tokenizer import write_word_tokenizer
 from sepme_adapter.generation import Job, generate_batched
+from sepme_adapter.testing.tokenizer import write_word_tokenizer
 
 from .spec import WorldSpec, make_spec
 
