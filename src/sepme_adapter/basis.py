@@ -221,6 +221,7 @@ def contrastive_basis(exact: torch.Tensor, concept: Sequence[torch.Tensor], reta
     m = exact.shape[1]
     if dimensions >= m or not retain:
         return exact.to(torch.float32), []
+    exact = exact.double()
     wanted = energy_gram(concept, exact)
     if contexts:
         wanted = (wanted + energy_gram(contexts, exact)) / 2
@@ -230,5 +231,5 @@ def contrastive_basis(exact: torch.Tensor, concept: Sequence[torch.Tensor], reta
     whiten = torch.linalg.solve_triangular(lower, torch.eye(m, dtype=torch.float64), upper=False)
     values, vectors = torch.linalg.eigh(whiten @ wanted @ whiten.T)
     directions = whiten.T @ vectors[:, -dimensions:].flip(1)
-    q, _ = torch.linalg.qr(exact.double() @ directions)
+    q, _ = torch.linalg.qr(exact @ directions)
     return q.to(torch.float32).contiguous(), [float(v) for v in values.flip(0)[:dimensions]]

@@ -285,6 +285,31 @@ def stop_target(config: dict[str, Any]) -> str:
     return f"{config.get('stop_on', 'rho')} <= {signed(config.get('tau'))}"
 
 
+COLLATERAL_WARNING = 0.5  # a held-out unlisted prompt whose keys / values move by half their size: suspect
+
+
+def self_check(eraser: Any, reason: str) -> None:
+    """The eraser's own figures in plain words: how far its probes went (erasure) and how much held-out prompts
+    nobody listed moved (collateral), with a warning and the flag that helps when either looks wrong."""
+    stats, config = eraser.metadata.get("stats", {}), eraser.metadata.get("training", {}).get("config", {})
+    collateral = eraser.metadata.get("collateral") or {}
+    rho = stats.get("probe_rho")
+    if rho is not None:
+        print(f"    self-check: probe rho {rho:+.2f} (target <= {config.get('erase_to', 0):+g}; 1 = untouched, "
+              f"0 = uncorrelated, < 0 = reversed), stopped by {reason}")
+    if collateral.get("max") is not None:
+        print(f"    self-check: collateral on {collateral.get('prompts')} held-out unlisted prompts: median "
+              f"{collateral['median']:.2f}, max {collateral['max']:.2f} (relative key / value change; worst "
+              f"{collateral.get('worst_prompt')!r})")
+        if collateral["max"] > COLLATERAL_WARNING:
+            warn("erase", f"{eraser.name} moves some unlisted prompts' keys / values by {collateral['max']:.0%} of "
+                          f"their size: it may harm prompts nobody listed. Bound it with --max-collateral (e.g. 0.3), "
+                          f"use fewer --basis-dimensions, or list what must stay with --known / --protect")
+    if rho is not None and reason == "collateral bound":
+        warn("erase", f"{eraser.name} stopped at its collateral bound before erasing (probe rho {rho:+.2f}): "
+                      f"raise --max-collateral or --basis-dimensions, or give more phrasings of the concept")
+
+
 def report_eraser(eraser: Any, path: Path) -> None:
     """One line per eraser, and a warning when it ran out of iterations before meeting its stop."""
     stats = eraser.metadata.get("stats", {})
@@ -298,6 +323,7 @@ def report_eraser(eraser: Any, path: Path) -> None:
         print(f"    (--rank {asked} is at least the basis's {dimensions} dimensions: trained at full rank, which is "
               f"no larger)")
     reason = stats.get("stop_reason") or ("stop statistic" if stats.get("stopped_early") else "max_iterations")
+    self_check(eraser, reason)
     if reason == "max_iterations":
         rho = stats.get("probe_rho", stats.get("final_rho"))
         reached = "" if rho is None else f"; rho reached {rho:+.2f}"

@@ -140,22 +140,44 @@ class TrainConfig:
                                       "style of' ...) exact, so an eraser acts through the name only")
     pooled_increment: bool = setting(True, "--pooled-increment", "SDXL: also give each eraser its increment "
                                      "on the pooled text embedding (add_embedding); ignored on SD v1 / v2")
-    # containment: erase the concept, leave every prompt nobody listed alone (`retain.py`)
-    basis: str = "contrastive"
-    basis_dimensions: int = 2
-    containment: float = 1.0
-    objective: str = "correlation"
-    negative_guidance: float = 1.0
-    stop: str = "probe"
-    probe_every: int = 10
-    probe_size: int = 16
-    erase_to: float = -0.25
-    max_collateral: float | None = None
-    retain_vocabulary: int = 400
-    retain_stems: int = 60
-    derive_phrasings: bool = False
-    name_contexts: int = 60
-    context_share: float = 0.0
+    # containment: erase the concept, leave every prompt nobody listed alone (`retain.py`, `training/containment.py`)
+    basis: str = setting("contrastive", "--basis", "where the increment may act: exact (the paper's null space of "
+                         "the listed prompts, Eq. 8) or contrastive (its few directions the concept uses most "
+                         "relative to prompts drawn from the model's own vocabulary; listed prompts stay exact "
+                         "either way)", "common", choices=BASES)
+    basis_dimensions: int = setting(2, "--basis-dimensions", "directions of the contrastive basis: more erases "
+                                    "more phrasings of the concept and touches more unlisted prompts")
+    containment: float = setting(1.0, "--containment", "weight of the penalty on the increment's energy over the "
+                                 "retain prompts (their mean squared relative key / value change, closed form); 0 "
+                                 "turns it off")
+    objective: str = setting("target", "--objective", "what training minimises: target (the concept's guidance "
+                             "direction reversed, bounded like ESD's negative guidance) or correlation (the paper's "
+                             "L_cor, Eq. 2, which has no minimum)", choices=OBJECTIVES)
+    negative_guidance: float = setting(1.0, "--negative-guidance", "with --objective target: how strongly the "
+                                       "concept's direction is reversed (0: the concept prompt acts like the blank "
+                                       "prompt)")
+    stop: str = setting("probe", "--stop", "when training ends: probe (a fixed probe set, checked every "
+                        "--probe-every iterations, reaches --erase-to) or momentum (the paper's smoothed per-sample "
+                        "statistic, Eq. 4, with --stop-below)", choices=STOPS)
+    probe_every: int = setting(10, "--probe-every", "iterations between probe checks")
+    probe_size: int = setting(16, "--probe-size", "probes (reference latent, timestep, noise) drawn once per eraser")
+    erase_to: float = setting(-0.25, "--erase-to", "the probe stop's target: stop once the concept's guidance "
+                              "direction correlates with the original at most this much (rho; 1 before training, "
+                              "0 uncorrelated, negative reversed)", "common")
+    max_collateral: float | None = setting(None, "--max-collateral", "the probe stop returns to the last check "
+                                           "within this bound and stops when held-out unlisted prompts' largest "
+                                           "relative key / value change passes it (default: no bound)", "common")
+    retain_vocabulary: int = setting(400, "--retain-vocabulary", "random 1-5-word prompts from the tokenizer's "
+                                     "vocabulary in the retain distribution")
+    retain_stems: int = setting(60, "--retain-stems", "other words put in each concept prompt's place of the name "
+                                "(\"a painting by X\") in the retain distribution")
+    derive_phrasings: bool = setting(False, "--derive-phrasings", "a one-prompt concept that spells its name also "
+                                     "trains on the name in the standard templates of its kind")
+    name_contexts: int = setting(60, "--name-contexts", "random vocabulary prompts that say the concept's name "
+                                 "(and as many with another word instead), so the contrastive basis follows the "
+                                 "name wherever it is said")
+    context_share: float = setting(0.0, "--context-share", "share of training samples paired with the name said "
+                                   "in a random context instead of the concept's prompt")
 
     @classmethod
     def paper(cls, **overrides: Any) -> TrainConfig:

@@ -21,8 +21,8 @@ from ..basis import BasisChoice, choose_basis, contrastive_basis, pooled_basis
 from ..certificate import collateral_certificate, leakage_certificate
 from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
-from ..runtime import ErasureRuntime
 from ..retain import RetainSet, fits, retain_prompts
+from ..runtime import ErasureRuntime
 from ..text import encode_prompts, encode_prompts_pooled, zeros_for_empty_prompt
 from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
 from .calibration import parameter_groups
