@@ -134,3 +134,17 @@ def test_verify_fails_an_eraser_above_max_collateral(pipe, tmp_path):
     failing = verify_eraser(pipe, eraser, max_collateral=measured / 2)
     assert not failing["ok"] and any("--max-collateral" in p for p in failing["problems"])
     assert not any("--max-collateral" in p for p in verify_eraser(pipe, eraser, max_collateral=measured * 2)["problems"])
+
+
+def test_retain_prompts_from_flags_and_a_file(tmp_path):
+    import argparse
+
+    from sepme_adapter.cli.erase import retain_list
+    from sepme_adapter.errors import TrainingError
+
+    path = tmp_path / "retain.txt"
+    path.write_text("\ufeffa painting by kadrel\n\n  a circle  \n", encoding="utf-8")
+    args = argparse.Namespace(retain=["a photo of a dog"], retain_file=str(path))
+    assert retain_list(args) == ["a photo of a dog", "a painting by kadrel", "a circle"]
+    with pytest.raises(TrainingError, match="--retain-file"):
+        retain_list(argparse.Namespace(retain=None, retain_file=str(tmp_path / "missing.txt")))

@@ -56,6 +56,11 @@ def register(parser: argparse.ArgumentParser, argv: Sequence[str] = ()) -> None:
     what.add_argument("--known", action="append", metavar="NAME[=PROMPT]",
                       help="a concept every eraser must leave exactly as it is (repeat, or comma-separate names)")
     what.add_argument("--protect", action="append", metavar="PROMPT", help="an extra prompt kept exact")
+    what.add_argument("--retain", action="append", metavar="PROMPT",
+                      help="a prompt the erasers should leave alone, added to the retain distribution drawn from "
+                           "the model's vocabulary (shapes the basis and the containment term; not kept exact: "
+                           "use --protect for that)")
+    what.add_argument("--retain-file", metavar="FILE.txt", help="retain prompts, one per line")
     add_model_options(parser.add_argument_group("model"))
     out = parser.add_argument_group("output")
     out.add_argument("--out", "-o", default="erasers", help="output folder (default: ./erasers)")
@@ -251,13 +256,24 @@ def _train(args: argparse.Namespace, pipe: Any, shard: tuple[int, int] | None, o
             pipe, concepts, known=known, protected=protected, mode="gcirs" if args.method == "gcirs" else args.mode,
             config=config, reference_images=args.reference_images, cache_dir=out / "reference",
             checkpoint_dir=out / "checkpoints" / (f"process-{shard[0]}" if shard else "main"), resume=args.resume,
-            progress=not args.quiet, shard=shard,
+            progress=not args.quiet, shard=shard, retain=retain_list(args),
         )
     # a baseline: one dense eraser per concept
     return train_baseline(
         pipe, concepts, args.method, anchor=args.anchor, config=baseline_config, known=known, protected=protected,
         reference_images=args.reference_images, cache_dir=out / "reference", progress=not args.quiet, shard=shard,
     )
+
+
+def retain_list(args: argparse.Namespace) -> list[str]:
+    """--retain prompts, then the lines of --retain-file (blank lines skipped)."""
+    prompts = list(args.retain or [])
+    if args.retain_file:
+        path = Path(args.retain_file)
+        if not path.is_file():
+            raise TrainingError(f"--retain-file {str(path)!r} does not exist; give a text file with one prompt per line")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    return prompts
 
 
 def check_prompt_lengths(args: argparse.Namespace, pipe: Any) -> None:
