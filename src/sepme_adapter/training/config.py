@@ -161,7 +161,7 @@ class TrainConfig:
                         "statistic, Eq. 4, with --stop-below)", choices=STOPS)
     probe_every: int = setting(10, "--probe-every", "iterations between probe checks")
     probe_size: int = setting(16, "--probe-size", "probes (reference latent, timestep, noise) drawn once per eraser")
-    erase_to: float = setting(-0.25, "--erase-to", "the probe stop's target: stop once the concept's guidance "
+    erase_to: float = setting(-0.5, "--erase-to", "the probe stop's target: stop once the concept's guidance "
                               "direction correlates with the original at most this much (rho; 1 before training, "
                               "0 uncorrelated, negative reversed)", "common")
     max_collateral: float | None = setting(None, "--max-collateral", "the probe stop returns to the last check "
