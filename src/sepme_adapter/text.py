@@ -24,6 +24,11 @@ def _text_device(pipe: Any) -> torch.device:
     return encoder.device
 
 
+def prompt_tokenizer(pipe: Any) -> Any:
+    """The pipeline's (first) tokenizer: what decides a prompt's tokens and its length limit."""
+    return pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2
+
+
 def uses_added_conditions(unet: Any) -> bool:
     """Whether the UNet takes pooled text embeddings and time ids (`addition_embed_type="text_time"`: SDXL)."""
     return getattr(unet.config, "addition_embed_type", None) == "text_time"

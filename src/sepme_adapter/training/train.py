@@ -23,7 +23,7 @@ from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
 from ..retain import RetainSet, fits, retain_prompts
 from ..runtime import ErasureRuntime
-from ..text import encode_prompts, encode_prompts_pooled, zeros_for_empty_prompt
+from ..text import encode_prompts, encode_prompts_pooled, prompt_tokenizer, zeros_for_empty_prompt
 from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
@@ -417,7 +417,7 @@ def train_erasers(
     config.validate()
     concepts, known, protected = prepare_concepts(concepts, known, protected)
     if config.derive_phrasings:
-        tokenizer = pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2
+        tokenizer = prompt_tokenizer(pipe)
         concepts = [derived_phrasings(c, keep=lambda prompt: fits(tokenizer, prompt)) for c in concepts]
         check_concepts(concepts, known, protected)
     if config.protect_templates:
@@ -429,9 +429,9 @@ def train_erasers(
     texts = PromptTexts.encode(pipe, concepts, known, protected)
     # the retain distribution (basis, containment term) and its held-out part (the collateral certificate)
     texts.add_retain(pipe, retain_prompts(
-        pipe.tokenizer if getattr(pipe, "tokenizer", None) is not None else pipe.tokenizer_2,
-        [(c.name, c.prompts) for c in concepts], user=list(retain), vocabulary=config.retain_vocabulary,
-        stems_per_prompt=config.retain_stems, seed=config.seed, contexts=config.name_contexts))
+        prompt_tokenizer(pipe), [(c.name, c.prompts) for c in concepts], user=list(retain),
+        vocabulary=config.retain_vocabulary, stems_per_prompt=config.retain_stems, seed=config.seed,
+        contexts=config.name_contexts))
     pooled = pooled_layer(pipe.unet)
     plan = plan_bases(concepts, known, texts, mode, config, None if pooled is None else pooled.in_features)
     base = base_model_metadata(pipe, runtime)
