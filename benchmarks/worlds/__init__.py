@@ -17,6 +17,7 @@ worlds are only reported. `load_world("demo")` wraps the built-in demo world in 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -145,6 +146,15 @@ def ensure_built(seed: int, quick: bool = False, force: bool = False) -> Path:
     folder = world_dir(seed, quick)
     if _is_built(folder) and not force:
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building this world: wait for it, then reuse
+        if _is_built(folder) and not force:
+            return folder
+        return _build_locked(seed, quick, folder)
+
+
+def _build_locked(seed: int, quick: bool, folder: Path) -> Path:
     command = [sys.executable, "-m", "benchmarks.worlds", "build", "--seed", str(int(seed)), "--out", str(folder)]
     if quick:
         command.append("--quick")

@@ -11,6 +11,7 @@ The stages reuse `sepme_adapter.demo.build` (text encoder, training loop with EM
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -68,7 +69,7 @@ def _cpu_total(timings: dict) -> float:
 def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSettings()) -> dict:
     """Build world `seed` into `out` (pipeline/, classifiers/, world.json, recipe.json); return the report."""
     out = Path(out)
-    work = out.with_name(out.name + ".partial")
+    work = out.with_name(f"{out.name}.partial-{os.getpid()}")  # this process's own: concurrent builds never mix
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -135,7 +136,7 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
     (work / "recipe.json").write_text(json.dumps(report, indent=2))
     if out.exists():
         shutil.rmtree(out)
-    work.rename(out)
+    work.rename(out)  # (callers serialise builds of one seed: `ensure_built` holds a lock)
     return report
 
 
