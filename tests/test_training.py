@@ -33,7 +33,8 @@ def test_the_correlation_loss_is_the_mean_of_the_elementwise_product():
 
 
 def test_the_loss_falls_and_the_momentum_early_stop_triggers(pipe, references):
-    (eraser,) = train(pipe, references, PAIRS[:1], config={"max_iterations": 200, "tau": 0.0, "warmup": 5})
+    (eraser,) = train(pipe, references, PAIRS[:1], config={"max_iterations": 200, "tau": 0.0, "warmup": 5,
+                                                           "stop": "momentum", "objective": "correlation"})
     stats, history = eraser.metadata["stats"], eraser.metadata["history"]["l_cor"]
     assert stats["stopped_early"] and stats["iterations"] < 200
     assert stats["final_l_mom"] <= 0.0

@@ -60,7 +60,8 @@ def live_tracks(tracks: list[ConceptTrack], dense: bool, config: TrainConfig) ->
 def apply_step(result: StepResult, dense: bool, config: TrainConfig) -> None:
     """Step the optimisers, unless the loss or a gradient is non-finite (then the increments stay as they were)."""
     parameters = [p for owner in result.owners for p in owner.parameters]
-    if not math.isfinite(result.objective) or not gradients_finite(parameters):
+    finite = math.isfinite(result.objective) and all(math.isfinite(v) for v in result.losses)
+    if not finite or not gradients_finite(parameters):
         raise TrainingError(
             f"the loss became non-finite at iteration {result.owners[0].stop.steps + 1} "
             f"(L_cor = {result.losses}); the increments were left at their last finite values. "
