@@ -47,8 +47,8 @@ class RetainEnergy:
     @classmethod
     def build(cls, unet: Any, eraser: Eraser, retain: torch.Tensor) -> RetainEnergy:
         prompts = list(retain)
-        second = sum((stack_embeddings(p).T @ stack_embeddings(p)) / stack_embeddings(p).pow(2).sum()
-                     for p in prompts) / len(prompts)
+        rows = [stack_embeddings(p) for p in prompts]
+        second = sum(r.T @ r / r.pow(2).sum() for r in rows) / len(rows)
         scales = {}
         for layer in text_layers(eraser):
             weight = layer_weight(unet, layer).detach().double().cpu()

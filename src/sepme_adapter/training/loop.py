@@ -92,7 +92,7 @@ def probe_check(unet: Any, runtime: Any, track: ConceptTrack, config: TrainConfi
         track.done = track.stopped_early = True
         track.stop_reason = "erased"
     else:
-        track.snapshot = {name: p.detach().clone() for name, p in track.named_parameters()}
+        track.take_snapshot()
 
 
 def record(result: StepResult, seconds: float, stop_on: str) -> None:
@@ -138,7 +138,7 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
                 track.probes = Probes.draw(unet, runtime, track.latents, track.embedding, blank, alphas_cumprod,
                                            config.ddim_steps, config.probe_size, track.probe_seed, track.pooled,
                                            blank_pooled, time_ids, track.contexts if config.context_share else None)
-                track.snapshot = {name: p.detach().clone() for name, p in track.named_parameters()}
+                track.take_snapshot()
     try:
         while live := live_tracks(tracks, dense, config):
             started = time.monotonic()

@@ -55,6 +55,10 @@ class ConceptTrack:
         named = [(f"w:{layer}", w) for layer, w in self.eraser.weights.items() if layer != POOLED_LAYER]
         return named + [(f"down:{layer}", a) for layer, a in self.eraser.down.items() if layer != POOLED_LAYER]
 
+    def take_snapshot(self) -> None:
+        """Remember the trained tensors as they are now (the probe stop returns here past its collateral bound)."""
+        self.snapshot = {name: p.detach().clone() for name, p in self.named_parameters()}
+
     def parameter(self, name: str) -> torch.Tensor:
         kind, _, layer = name.partition(":")
         return (self.eraser.weights if kind == "w" else self.eraser.down)[layer]
