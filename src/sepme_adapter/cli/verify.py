@@ -17,7 +17,8 @@ LEGEND = (
     "of the concept's own, per layer; ~0 for an exact null-space basis (Eq. 7).\n"
     "certificate: the largest change of a kept prompt's keys / values relative to their own size, measured now on "
     "this model (a compact basis trades a small, bounded one for reach; the file stores the bound it promises).\n"
-    "concept change: how much the eraser changes its concept's keys / values, relative to their size."
+    "concept change: how much the eraser changes its concept's keys / values, relative to their size.\n"
+    "collateral: the largest change of a held-out unlisted prompt's keys / values relative to their own size."
 )
 
 
@@ -36,6 +37,10 @@ def register(parser: argparse.ArgumentParser, argv: Any = ()) -> None:
                         help="fail an eraser whose re-measured leakage certificate (the largest relative change of "
                              "any attn2 key / value over its known, protected and blank prompts) exceeds this "
                              "(default: only check that the file's own certificate holds)")
+    parser.add_argument("--max-collateral", type=float, default=None,
+                        help="fail an eraser whose re-measured collateral certificate (the largest relative change "
+                             "of any attn2 key / value over the held-out unlisted prompts stored in its file) "
+                             "exceeds this (default: report it only)")
 
 
 def _print_reports(reports: list[dict[str, Any]], fused_report: dict[str, Any] | None, verbose: bool) -> None:
@@ -46,8 +51,9 @@ def _print_reports(reports: list[dict[str, Any]], fused_report: dict[str, Any] |
         stored = report.get("stored_certificate")
         promised = "" if stored is None else f" (file promises <= {stored:.2e})"
         leak = f"{report['worst_leak']:.2e}" if report.get("separable", True) else "- (dense: not separable)"
+        collateral = "" if report.get("collateral_max") is None else f"  collateral {report['collateral_max']:.2e}"
         print(f"{report['name']}  ({report['file']})\n    leak {leak}  certificate {certificate}{promised}  "
-              f"concept change {report['concept_change']:.2e}  {status}")
+              f"concept change {report['concept_change']:.2e}{collateral}  {status}")
         if verbose:
             for layer, entry in report["layers"].items():
                 print(f"    {layer}: " + ", ".join(f"{k} {v:.2e}" for k, v in entry.items()))
@@ -66,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     paths = [Path(p) for source in args.erasers for p in resolve_eraser_files(source)]
     reports = []
     for path in paths:
-        report = verify_eraser(pipe, Eraser.load(path), min_effect=args.min_effect, max_leakage=args.max_leakage)
+        report = verify_eraser(pipe, Eraser.load(path), min_effect=args.min_effect, max_leakage=args.max_leakage,
+                               max_collateral=args.max_collateral)
         reports.append({**report, "file": str(path)})
     fused_report = None
     if args.fused_model:
