@@ -128,3 +128,50 @@ def test_world_zoo_quick_prints_result(worlds_dir):
     assert set(fields) == {"worlds", "exact_max", "para_max", "comp_max", "kept_worst", "restored_max"}
     assert float(fields["restored_max"]) == 0.0  # loaded, none active: the original model bit for bit
     assert any(line.startswith("TUNING ") for line in lines)
+
+
+def test_denoiser_loss_options():
+    """Min-SNR-gamma weights (min(SNR, gamma) / SNR per sample) and the high-timestep share of the zoo's builds;
+    the demo world's recipe (both off) is the plain epsilon MSE on uniform timesteps."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from sepme_adapter.demo.build import Recipe, _draw_timesteps, _weighted_mse
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear")
+    prediction, noise = torch.randn(64, 4, 2, 2, dtype=torch.float64), torch.randn(64, 4, 2, 2, dtype=torch.float64)
+    timesteps = torch.arange(0, 1000, 1000 // 64)[:64]
+    plain = Recipe()
+    assert _weighted_mse(plain, scheduler, prediction, noise, timesteps) == torch.nn.functional.mse_loss(prediction, noise)
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = ((snr.clamp(max=5.0) / snr) * (prediction - noise).square().mean(dim=(1, 2, 3))).mean()
+    weighted = _weighted_mse(Recipe(min_snr_gamma=5.0), scheduler, prediction, noise, timesteps)
+    assert torch.isclose(weighted.double(), expected, rtol=1e-6)
+    assert weighted < _weighted_mse(plain, scheduler, prediction, noise, timesteps)  # low-noise steps count less
+    generator = torch.Generator().manual_seed(0)
+    assert (_draw_timesteps(Recipe(high_timestep_share=1.0), scheduler, 256, generator) >= 400).all()
+    uniform = _draw_timesteps(plain, scheduler, 4096, generator)
+    assert uniform.min() >= 0 and uniform.max() < 1000 and (uniform < 400).float().mean() > 0.35
+
+
+def test_classifier_learns_decoded_images():
+    """`build.decoded`: a share of the classifier's training images is replaced by their autoencoder round trip
+    (what generated images are), labels untouched; share 0 is the sampler itself."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from benchmarks.worlds.build import decoded
+    from sepme_adapter.demo import ASSETS
+
+    spec = make_spec(QUICK_SEED)
+    sample = spec.classifier_sampler("style")
+    vae = AutoencoderKL.from_pretrained(ASSETS / "pipeline" / "vae")
+    assert decoded(sample, vae, 0.0) is sample
+    raw, labels = sample(16, np.random.default_rng(3))
+    mixed, mixed_labels = decoded(sample, vae, 0.5)(16, np.random.default_rng(3))
+    assert mixed_labels == labels and mixed.shape == raw.shape
+    changed = [not torch.equal(a, b) for a, b in zip(mixed, raw)]
+    assert 0 < sum(changed) < 16
+    assert mixed.min() >= 0 and mixed.max() <= 1

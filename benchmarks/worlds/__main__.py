@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -20,9 +21,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="folder (default: $SEPME_WORLDS_DIR/<seed>)")
     b.add_argument("--quick", action="store_true", help="tiny steps (tests); the quality gate is reported, not enforced")
     b.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a BuildSettings field (experiments; the zoo's worlds use the defaults)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else BuildSettings()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in BuildSettings.__dataclass_fields__:
+            parser.error(f"--set {item}: {key!r} is not a BuildSettings field")
+        settings = replace(settings, **{key: type(getattr(settings, key))(value)})
     out = args.out or world_dir(args.seed, quick=args.quick)
     report = build_world(args.seed, out, settings)
     gate = report["quality_gate"]

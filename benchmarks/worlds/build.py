@@ -36,7 +36,7 @@ from sepme_adapter.testing.tokenizer import write_word_tokenizer
 
 from .spec import WorldSpec, make_spec
 
-FORMAT = 2  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
+FORMAT = 3  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class BuildSettings:
     unet_lr: float = 2e-3
     unet_warmup: int = 50
     ema_decay: float = 0.99
+    min_snr_gamma: float = 5.0  # Recipe.min_snr_gamma: low-noise steps teach little about the caption
+    high_timestep_share: float = 0.0  # Recipe.high_timestep_share
+    classifier_decoded_share: float = 0.5  # share of classifier training images passed through the autoencoder
     classifier_steps: int = 200
     classifier_batch: int = 64
     gate_seeds: int = 20
@@ -80,7 +83,8 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         Recipe(), seed=int(seed), max_tokens=spec.max_tokens, text_width=spec.text_width,
         text_layers=spec.text_layers, text_heads=spec.text_heads, unet_steps=settings.unet_steps,
         unet_batch=settings.unet_batch, unet_lr=settings.unet_lr, unet_warmup=settings.unet_warmup,
-        ema_decay=settings.ema_decay,
+        ema_decay=settings.ema_decay, min_snr_gamma=settings.min_snr_gamma,
+        high_timestep_share=settings.high_timestep_share,
     )
     with _timed(timings, "text"):
         tokenizer = write_word_tokenizer(work / "pipeline" / "tokenizer", spec.vocabulary, spec.max_tokens)
@@ -107,7 +111,8 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         held_out = {}
         for i, (family, labels) in enumerate(spec.labels.items()):
             init = load_file(DEMO_ASSETS / "classifiers" / f"{family}.safetensors")
-            classifier = train_classifier(family, spec.classifier_sampler(family), steps=settings.classifier_steps,
+            sampler = decoded(spec.classifier_sampler(family), vae, settings.classifier_decoded_share)
+            classifier = train_classifier(family, sampler, steps=settings.classifier_steps,
                                           batch_size=settings.classifier_batch, seed=int(seed) * 100 + 10 + i,
                                           labels=labels, init=init)
             classifier.save(work / "classifiers")
@@ -138,6 +143,25 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         shutil.rmtree(out)
     work.rename(out)  # (callers serialise builds of one seed: `ensure_built` holds a lock)
     return report
+
+
+def decoded(sample, vae: AutoencoderKL, share: float):
+    """`sample` with a `share` of its images replaced by their autoencoder round trip: generated images are
+    decoded latents, so the classifier that judges them learns the decoder's blur too."""
+    if share <= 0:
+        return sample
+
+    def sample_decoded(n: int, rng: np.random.Generator):
+        images, labels = sample(n, rng)
+        pick = torch.from_numpy(rng.random(n) < share)
+        if pick.any():
+            with torch.no_grad():
+                latents = vae.encode(images[pick] * 2 - 1).latent_dist.mean
+                images = images.clone()
+                images[pick] = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+        return images, labels
+
+    return sample_decoded
 
 
 def quality_gate(folder: Path, spec: WorldSpec, settings: BuildSettings) -> dict:

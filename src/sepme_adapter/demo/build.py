@@ -98,6 +98,11 @@ class Recipe:
     ema_decay: float = 0.999
     checkpoint_every: int = 100  # a killed build resumes from its last checkpoint
     caption_dropout: float = 0.1
+    # Min-SNR-gamma loss weight min(SNR, gamma) / SNR (Hang et al. 2023; 0: unweighted) and the share of
+    # timesteps drawn from the upper 60% of the schedule, where a caption decides what is drawn (0: uniform).
+    # The demo world uses neither; the zoo's short builds use both (`benchmarks/worlds/build.py`)
+    min_snr_gamma: float = 0.0
+    high_timestep_share: float = 0.0
     # classifiers
     classifier_steps: int = 2000
     classifier_batch: int = 64
@@ -295,6 +300,29 @@ def make_unet(recipe: Recipe, sdxl: bool = False) -> UNet2DConditionModel:
     )
 
 
+def _draw_timesteps(recipe: Recipe, scheduler: DDPMScheduler, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniform timesteps, a `high_timestep_share` of them redrawn from the schedule's upper 60%."""
+    total = scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, total, (count,), generator=generator)
+    if recipe.high_timestep_share > 0:
+        high = torch.randint(int(0.4 * total), total, (count,), generator=generator)
+        pick = torch.rand(count, generator=generator) < recipe.high_timestep_share
+        timesteps = torch.where(pick, high, timesteps)
+    return timesteps
+
+
+def _weighted_mse(recipe: Recipe, scheduler: DDPMScheduler, prediction: torch.Tensor, noise: torch.Tensor,
+                  timesteps: torch.Tensor) -> torch.Tensor:
+    """The epsilon MSE, per sample weighted by min(SNR, gamma) / SNR when `min_snr_gamma` > 0."""
+    if recipe.min_snr_gamma <= 0:
+        return torch.nn.functional.mse_loss(prediction, noise)
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr.clamp(max=recipe.min_snr_gamma) / snr
+    per_sample = (prediction - noise).square().mean(dim=tuple(range(1, prediction.ndim)))
+    return (weight * per_sample).mean()
+
+
 def train_unet(
     recipe: Recipe,
     vae: AutoencoderKL,
@@ -353,12 +381,10 @@ def train_unet(
             latents = vae.encode(_to_model(batch.images)).latent_dist.mean * vae.config.scaling_factor
             context, added = condition(batch.captions, rng)
         noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-        )
+        timesteps = _draw_timesteps(recipe, noise_scheduler, latents.shape[0], generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps, context, added_cond_kwargs=added).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = _weighted_mse(recipe, noise_scheduler, prediction, noise, timesteps)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
