@@ -160,9 +160,9 @@ def test_classifier_learns_decoded_images():
     """`build.decoded`: a share of the classifier's training images is replaced by their autoencoder round trip
     (what generated images are), labels untouched; share 0 is the sampler itself."""
     import torch
+    from benchmarks.worlds.build import decoded
     from diffusers import AutoencoderKL
 
-    from benchmarks.worlds.build import decoded
     from sepme_adapter.demo import ASSETS
 
     spec = make_spec(QUICK_SEED)
