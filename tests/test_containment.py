@@ -148,3 +148,21 @@ def test_retain_prompts_from_flags_and_a_file(tmp_path):
     assert retain_list(args) == ["a photo of a dog", "a painting by kadrel", "a circle"]
     with pytest.raises(TrainingError, match="--retain-file"):
         retain_list(argparse.Namespace(retain=None, retain_file=str(tmp_path / "missing.txt")))
+
+
+def test_the_self_check_says_when_no_exact_null_space_was_left(capsys):
+    """`sepme erase`'s self-check warns, with the certificate and what helps, when the basis fell back to the
+    compact one (a narrow text encoder filled by the prompts to keep), and stays quiet for an exact basis."""
+    from types import SimpleNamespace
+
+    from sepme_adapter.cli.erase import self_check
+
+    def eraser(kind):
+        return SimpleNamespace(name="drowea", certificate={"max_leakage": 1.5e-2},
+                               metadata={"basis": {"kind": kind}, "stats": {}, "training": {"config": {}}})
+
+    self_check(eraser("compact+contrastive"), "max_iterations")
+    err = capsys.readouterr().err
+    assert "no exact null space" in err and "1.5e-02" in err and "--max-leakage" in err
+    self_check(eraser("exact+contrastive"), "max_iterations")
+    assert "null space" not in capsys.readouterr().err

@@ -321,6 +321,14 @@ def self_check(eraser: Any, reason: str) -> None:
             warn("erase", f"{eraser.name} moves some unlisted prompts' keys / values by {collateral['max']:.0%} of "
                           f"their size: it may harm prompts nobody listed. Bound it with --max-collateral (e.g. 0.3), "
                           f"use fewer --basis-dimensions, or list what must stay with --known / --protect")
+    basis = eraser.metadata.get("basis") or {}
+    if str(basis.get("kind", "")).startswith("compact"):
+        leakage = (getattr(eraser, "certificate", None) or {}).get("max_leakage")
+        reached = "" if leakage is None else f" by up to {leakage:.1e} of their size (its leakage certificate)"
+        warn("erase", f"{eraser.name}: no exact null space was left (the prompts it must keep fill the text "
+                      f"encoder's space), so it uses the compact basis: the listed prompts' keys / values change"
+                      f"{reached}, not ~1e-7, and unlisted prompts are less contained. Train fewer concepts "
+                      f"together, list fewer --known / --protect prompts, or choose the bound with --max-leakage")
     if rho is not None and reason == "collateral bound":
         warn("erase", f"{eraser.name} stopped at its collateral bound before erasing (probe rho {rho:+.2f}): "
                       f"raise --max-collateral or --basis-dimensions, or give more phrasings of the concept")
