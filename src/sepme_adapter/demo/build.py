@@ -100,7 +100,7 @@ class Recipe:
     caption_dropout: float = 0.1
     # Min-SNR-gamma loss weight min(SNR, gamma) / SNR (Hang et al. 2023; 0: unweighted) and the share of
     # timesteps drawn from the upper 60% of the schedule, where a caption decides what is drawn (0: uniform).
-    # The demo world uses neither; the zoo's short builds use both (`benchmarks/worlds/build.py`)
+    # The demo world uses neither; the zoo's short builds use Min-SNR (`benchmarks/worlds/build.py`)
     min_snr_gamma: float = 0.0
     high_timestep_share: float = 0.0
     # classifiers
