@@ -10,8 +10,8 @@ leakage certificate of an increment of a given strength: a random `w` scaled so 
 keys change by `--effect` (default 10 %, relative Frobenius over all 77 tokens, most of which are
 padding shared with every prompt) on an SD-shaped `to_k` (768 -> 320, random weights), then
 `max ||c dW^T|| / ||c W^T||` over the excluded prompts, and its collateral: the same ratio over held-out
-retain prompts nobody listed (random vocabulary prompts and the concept prompts' stems with other words,
-`retain.retain_prompts`), median and max. Besides the exact and compact bases, the library's default
+retain prompts nobody listed (concept 0's: random vocabulary prompts and its prompts' stems with other
+words, `retain.retain_prompts`), median and max. Besides the exact and compact bases, the library's default
 basis for one-prompt concepts: the 2 contrastive directions inside the exact null space
 (`basis.contrastive_basis` against the training part of the same retain distribution, the name said in
 60 contexts), so the table shows how containment holds as concepts are added.
@@ -74,11 +74,11 @@ def measure(texts: torch.Tensor, groups: list[slice], count: int, level: float |
             "collateral_median": float(collateral.median()), "collateral_max": float(collateral.max())}
 
 
-def retain_texts(pipe, names: list[str], count: int, per_concept: int) -> dict[str, torch.Tensor]:
-    """The retain distribution of the first `count` concepts (as `sepme erase` draws it), encoded."""
-    concepts = [(n, [t.format(n) for t in TEMPLATES[:per_concept]]) for n in names[:count]]
-    drawn = retain_prompts(pipe.tokenizer, concepts, contexts=60)
-    contexts = drawn.contexts.get(names[0], ())
+def retain_texts(pipe, name: str, per_concept: int) -> dict[str, torch.Tensor]:
+    """Concept 0's retain distribution (as `sepme erase` draws it for that concept alone), encoded. The same
+    for every N: drawing it for all N concepts would hold 60 stems per prompt of each (GBs at N = 100)."""
+    drawn = retain_prompts(pipe.tokenizer, [(name, [t.format(name) for t in TEMPLATES[:per_concept]])], contexts=60)
+    contexts = drawn.contexts.get(name, ())
     return {"train": encode_prompts(pipe, list(drawn.train)).double(),
             "held_out": encode_prompts(pipe, list(drawn.held_out)).double(),
             "contexts": encode_prompts(pipe, list(contexts)).double() if contexts else torch.zeros(0, 1, 1)}
@@ -103,11 +103,11 @@ def main() -> None:
         prompts = [""] + [t.format(n) for n in names for t in TEMPLATES[:per_concept]]
         texts = encode_prompts(pipe, prompts).double()
         groups = [slice(1 + i * per_concept, 1 + (i + 1) * per_concept) for i in range(len(names))]
-        retains = {count: retain_texts(pipe, names, count, per_concept) for count in counts}
+        retain = retain_texts(pipe, names[0], per_concept)
         for level in (None, 1e-2, 1e-3, *(("contrastive",) if per_concept == 1 else ())):
             label = "exact" if level is None else level if isinstance(level, str) else f"compact {level:g}"
             for i, count in enumerate(counts):
-                r = measure(texts, groups, count, level, weight, args.effect, retains[count])
+                r = measure(texts, groups, count, level, weight, args.effect, retain)
                 print(f"| {per_concept} | {count} | {label} | {r['dims']} | {r['bound']:.1e} | {r['reach']:.2f} | "
                       f"{r['certificate']:.1e} | {r['collateral_median']:.1e} | {r['collateral_max']:.1e} |",
                       flush=True)
