@@ -29,7 +29,14 @@ from diffusers import (
 from safetensors.torch import load_file
 
 from sepme_adapter.demo import ASSETS as DEMO_ASSETS
-from sepme_adapter.demo.build import Recipe, _timed, random_text_encoder, sd_conditioning, train_unet
+from sepme_adapter.demo.build import (
+    Recipe,
+    _timed,
+    _to_model,
+    random_text_encoder,
+    sd_conditioning,
+    train_unet,
+)
 from sepme_adapter.demo.classifier import ConceptClassifier, held_out_accuracy, train_classifier
 from sepme_adapter.generation import Job, generate_batched
 from sepme_adapter.testing.tokenizer import write_word_tokenizer
@@ -156,7 +163,7 @@ def decoded(sample, vae: AutoencoderKL, share: float):
         pick = torch.from_numpy(rng.random(n) < share)
         if pick.any():
             with torch.no_grad():
-                latents = vae.encode(images[pick] * 2 - 1).latent_dist.mean
+                latents = vae.encode(_to_model(images[pick])).latent_dist.mean
                 images = images.clone()
                 images[pick] = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
         return images, labels
