@@ -102,19 +102,23 @@ def test_generation_while_another_thread_toggles_sees_one_consistent_state_per_u
     pipe.set_erased([])
     original = unet_output(pipe)
     stop = threading.Event()
+    toggles = []
 
     def toggle():
         while not stop.is_set():
             pipe.set_erased(["vangogh"])
+            time.sleep(1e-4)  # let the generating thread in: a spinning toggler starves it of the GIL
             pipe.set_erased([])
+            toggles.append(1)
 
     thread = threading.Thread(target=toggle)
     thread.start()
     try:
-        outputs = [unet_output(pipe) for _ in range(30)]
+        outputs = [unet_output(pipe) for _ in range(12)]
     finally:
         stop.set()
         thread.join()
+    assert len(toggles) > len(outputs)  # the state really changed while the UNet ran
     for out in outputs:  # each call ran wholly erased or wholly original, never a mix of layers
         assert torch.equal(out, erased) or torch.equal(out, original)
 
