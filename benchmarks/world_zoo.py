@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="TrainConfig override")
     parser.add_argument("--quick", action="store_true", help="one tiny --quick world, 2 seeds, tiny training")
     parser.add_argument("--json", default=None, help="write every result here")
+    parser.add_argument("--save", default=None, metavar="DIR", help="also save the erasers to DIR/<world>/")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -236,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         world = load_world(key, quick=args.quick)
         erasers = train(world, config)
         trained = time.process_time() - cpu
+        if args.save:
+            (Path(args.save) / world.name).mkdir(parents=True, exist_ok=True)
+            for eraser in erasers:
+                eraser.save(Path(args.save) / world.name / f"{eraser.name}.safetensors")
         result = measure(world, erasers, seeds, steps=steps)
         gate = world.recipe.get("quality_gate", {})
         result["quality_gate"] = {"passed": world.recipe.get("passed"), "worst": gate.get("worst")}

@@ -116,11 +116,15 @@ def test_quick_world_builds_and_loads(worlds_dir):
 
 
 @pytest.mark.slow
-def test_world_zoo_quick_prints_result(worlds_dir):
+def test_world_zoo_quick_prints_result(worlds_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SEPME_WORLDS_DIR": str(worlds_dir)}
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_zoo.py"), "--quick"], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "world_zoo.py"), "--quick", "--save",
+                          str(tmp_path / "erasers"), "--json", str(tmp_path / "zoo.json")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    saved = sorted(p.stem for p in (tmp_path / "erasers" / f"world-{QUICK_SEED}-quick").glob("*.safetensors"))
+    result = json.loads((tmp_path / "zoo.json").read_text())["results"][0]
+    assert saved == sorted(result["erased"]) and len(saved) == 3
     lines = out.stdout.splitlines()
     result = [line for line in lines if line.startswith("RESULT ")]
     assert result, out.stdout[-3000:]
