@@ -186,13 +186,13 @@ def glyph_params(kind: str, rng: np.random.Generator) -> dict:
     elif kind == "crescent":
         p["offset"] = float(rng.uniform(0.4, 0.6))
     elif kind == "cross":
-        p["arm"] = float(rng.uniform(0.32, 0.42))
+        p["arm"] = float(rng.uniform(0.25, 0.38))
     elif kind == "letter":
         p["letter"] = str(rng.choice(sorted(LETTERS)))
         p["angle"] = float(rng.uniform(-0.3, 0.3))
-        p["stroke"] = float(rng.uniform(0.28, 0.36))
+        p["stroke"] = float(rng.uniform(0.2, 0.28))
     elif kind == "arrow":
-        p["stroke"] = float(rng.uniform(0.28, 0.36))
+        p["stroke"] = float(rng.uniform(0.2, 0.28))
     elif kind == "bars":
         p["count"] = int(rng.integers(2, 4))
         p["width"] = float(rng.uniform(0.22, 0.3))
@@ -214,7 +214,7 @@ def texture_params(kind: str, hue: float, rng: np.random.Generator) -> dict:
         "value_b": float(rng.uniform(0.25, 0.45) if dark else rng.uniform(0.9, 1.0)),
         "sat_b": float(rng.uniform(0.7, 1.0) if dark else rng.uniform(0.15, 0.35)),
         "angle": float(rng.uniform(0, math.pi)),
-        "period": float(rng.uniform(7.0, 9.5)),
+        "period": float(rng.uniform(5.5, 8.0)),
     }
     if kind == "noise":
         p["cells"] = int(rng.integers(2, 4))
@@ -356,7 +356,7 @@ def texture(p: dict, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: floa
         t = ((along + p["amplitude"] * np.sin(across / period * 2 * np.pi)) / period + rng.random()) % 1.0 < 0.5
     elif kind == "grid":
         pu, pv = rng.random(2) * period
-        t = (((along + pu) % period) < 0.3 * period) | (((across + pv) % period) < 0.3 * period)
+        t = (((along + pu) % period) < 2.0) | (((across + pv) % period) < 2.0)
     elif kind == "sectors":
         n = p["count"]
         t = np.floor((np.arctan2(y - cy, x - cx) + np.pi + rng.random()) / (2 * np.pi) * 2 * n) % 2 == 0
