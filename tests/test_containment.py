@@ -6,7 +6,7 @@ import torch
 
 from sepme_adapter.basis import contrastive_basis, energy_gram, null_space_basis
 from sepme_adapter.certificate import collateral_certificate
-from sepme_adapter.retain import retain_prompts, stems, vocabulary_words
+from sepme_adapter.retain import first_row_after, retain_prompts, stems, vocabulary_words
 from sepme_adapter.text import encode_prompts
 from sepme_adapter.training import TrainConfig, train_erasers
 from sepme_adapter.training.concepts import Concept, derived_phrasings
@@ -65,6 +65,30 @@ def test_the_contrastive_basis_lies_in_the_exact_null_space_and_prefers_the_conc
     def ratio(s):
         return float(torch.trace(energy_gram(concept, s)) / torch.trace(energy_gram(retain, s)))
     assert ratio(basis) > 2 * ratio(exact)
+
+
+def test_the_basis_spares_the_rows_after_the_name_when_asked():
+    """Concept energy on e0 (the name's own row) and, more, on e1 (the rows after it, shared with what follows);
+    with the after-name rows avoided, the one kept direction turns from e1 to e0."""
+    d = 8
+    eye = torch.eye(d, dtype=torch.float64)
+    concept = [torch.stack([eye[0], 1.5 * eye[1]])]
+    retain = [eye[i : i + 1] for i in range(d)]  # every direction used alike
+    after = [eye[1:2] for _ in range(4)]
+    plain, _ = contrastive_basis(eye, concept, retain, 1)
+    spared, _ = contrastive_basis(eye, concept, retain, 1, after=after, after_weight=1.0)
+    assert abs(float(plain[1, 0])) > 0.99 and abs(float(spared[0, 0])) > 0.99
+    assert torch.equal(contrastive_basis(eye, concept, retain, 1, after=after, after_weight=0.0)[0], plain)
+
+
+def test_first_row_after_the_name(pipe):
+    tokenizer = pipe.tokenizer
+    for prompt in ("a painting by vangogh", "vangogh style", "a cat by vangogh on a red chair"):
+        start = first_row_after(tokenizer, prompt, "vangogh")
+        prefix = prompt[: prompt.index("vangogh")]
+        with_name = tokenizer(prefix + "vangogh")["input_ids"]
+        assert start == len(with_name) - 1 and tokenizer(prompt)["input_ids"][: start] == with_name[:-1]
+    assert first_row_after(tokenizer, "a painting", "vangogh") is None
 
 
 def test_the_target_loss_is_zero_exactly_at_the_reversed_direction():

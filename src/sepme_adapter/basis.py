@@ -210,13 +210,16 @@ CONTRAST_RIDGE = 1e-3  # retain energy floor, relative to its mean per direction
 
 
 def contrastive_basis(exact: torch.Tensor, concept: Sequence[torch.Tensor], retain: Sequence[torch.Tensor],
-                      dimensions: int, contexts: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, list[float]]:
+                      dimensions: int, contexts: Sequence[torch.Tensor] = (), after: Sequence[torch.Tensor] = (),
+                      after_weight: float = 0.0) -> tuple[torch.Tensor, list[float]]:
     """The `dimensions` directions inside the exact null space `exact` (Eq. 8, `d x m`) that the concept's prompts
     use most relative to the retain prompts: the top generalised eigenvectors of `S0^T C_c^T C_c S0` against
     `S0^T C_r^T C_r S0` (each prompt at unit norm), orthonormalised. An increment on this basis stays exact on
     the excluded prompts (it lies inside `exact`) and reaches the retain distribution as little as it can for
     what it reaches of the concept. `contexts` (the name said in other prompts) weigh as much as the concept's
-    own prompts, so the directions follow the name wherever it is said. Returns the basis (`d x dimensions`, float32) and the contrasts
+    own prompts, so the directions follow the name wherever it is said. `after` (the rows after the name in those
+    contexts, which carry the name mixed with the words that follow it) join the avoided energy with weight
+    `after_weight`, so the directions keep to the name's own row and spare the words said after it. Returns the basis (`d x dimensions`, float32) and the contrasts
     (concept energy / retain energy) of the kept directions, largest first."""
     m = exact.shape[1]
     if dimensions >= m or not retain:
@@ -226,6 +229,8 @@ def contrastive_basis(exact: torch.Tensor, concept: Sequence[torch.Tensor], reta
     if contexts:
         wanted = (wanted + energy_gram(contexts, exact)) / 2
     avoided = energy_gram(retain, exact)
+    if after and after_weight > 0:
+        avoided = avoided + after_weight * energy_gram(after, exact)
     avoided += CONTRAST_RIDGE * torch.trace(avoided) / m * torch.eye(m, dtype=torch.float64)
     lower = torch.linalg.cholesky(avoided)
     whiten = torch.linalg.solve_triangular(lower, torch.eye(m, dtype=torch.float64), upper=False)

@@ -63,6 +63,17 @@ def stems(prompt: str, name: str) -> list[str]:
     return [" ".join(words[:i] + ["{}"] + words[i + 1:]) for i in range(len(words))] if len(words) > 1 else []
 
 
+def first_row_after(tokenizer: Any, prompt: str, name: str) -> int | None:
+    """The index of the first text-encoder row after `name` in `prompt` (row 0 is the start token), or None when
+    the name is not spelled. With a causal encoder these rows (the words after the name, the end and padding
+    tokens) carry the name mixed with whatever follows it: in "a NAME by OTHER", OTHER's own row."""
+    span = name_span(prompt, name)
+    if span is None:
+        return None
+    ids = tokenizer(prompt[: span[1]], truncation=False)["input_ids"]
+    return len(ids) - 1  # the prefix's tokens with the start token, less its end token
+
+
 def fits(tokenizer: Any, prompt: str) -> bool:
     """Whether the tokenizer encodes `prompt` without truncating it (start and end tokens included)."""
     limit = getattr(tokenizer, "model_max_length", None)

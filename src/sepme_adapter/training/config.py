@@ -176,6 +176,9 @@ class TrainConfig:
     name_contexts: int = setting(60, "--name-contexts", "random vocabulary prompts that say the concept's name "
                                  "(and as many with another word instead), so the contrastive basis follows the "
                                  "name wherever it is said")
+    after_name_weight: float = setting(0.0, "--after-name-weight", "how strongly the contrastive basis avoids the "
+                                       "rows after the name (the words said after it, which a causal text encoder "
+                                       "mixes with the name): 0 ignores them")
     context_share: float = setting(0.0, "--context-share", "share of training samples paired with the name said "
                                    "in a random context instead of the concept's prompt")
 
@@ -199,7 +202,8 @@ class TrainConfig:
                                       "reference_steps", "ddim_steps", "checkpoint_every", "patience",
                                       "basis_dimensions", "probe_every", "probe_size", "max_collateral"),
                       non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass", "containment",
-                                    "negative_guidance", "retain_vocabulary", "retain_stems", "name_contexts", "context_share"))
+                                    "negative_guidance", "retain_vocabulary", "retain_stems", "name_contexts", "context_share",
+                                    "after_name_weight"))
         if not 0 <= self.alpha < 1:
             raise TrainingError(f"TrainConfig.alpha must be in [0, 1), got {self.alpha!r}")
         if self.max_leakage is not None and not 0 <= self.max_leakage < 1:

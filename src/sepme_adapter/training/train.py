@@ -21,7 +21,7 @@ from ..basis import BasisChoice, choose_basis, contrastive_basis, pooled_basis
 from ..certificate import collateral_certificate, leakage_certificate
 from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
-from ..retain import RetainSet, fits, retain_prompts
+from ..retain import RetainSet, first_row_after, fits, retain_prompts
 from ..runtime import ErasureRuntime
 from ..text import encode_prompts, encode_prompts_pooled, prompt_tokenizer, zeros_for_empty_prompt
 from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
@@ -57,6 +57,7 @@ class PromptTexts:
     held_out: torch.Tensor | None = None
     held_out_prompts: tuple[str, ...] = ()
     contexts: dict[str, torch.Tensor] | None = None  # name -> the name said in random contexts
+    after_name: dict[str, list[torch.Tensor]] | None = None  # name -> each context's rows after the name
 
     def add_retain(self, pipe: Any, retain: RetainSet) -> None:
         """Encode the retain prompts (training and held-out parts)."""
@@ -64,6 +65,12 @@ class PromptTexts:
         self.held_out = encode_prompts(pipe, list(retain.held_out)) if retain.held_out else None
         self.held_out_prompts = tuple(retain.held_out)
         self.contexts = {name: encode_prompts(pipe, list(p)) for name, p in retain.contexts.items()}
+        tokenizer = prompt_tokenizer(pipe)
+        self.after_name = {}
+        for name, prompts in retain.contexts.items():
+            starts = [first_row_after(tokenizer, p, name) for p in prompts]
+            self.after_name[name] = [rows[k:] for rows, k in zip(self.contexts[name], starts)
+                                     if k is not None and k < rows.shape[0]]
 
     @classmethod
     def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
@@ -140,7 +147,9 @@ def plan_bases(concepts: list[Concept], known: list[Concept], texts: PromptTexts
         if config.basis == "contrastive" and texts.retain is not None:
             basis, contrasts = contrastive_basis(choice.basis, list(texts.concepts[concept.name]),
                                                  list(texts.retain), config.basis_dimensions,
-                                                 list((texts.contexts or {}).get(concept.name, [])))
+                                                 list((texts.contexts or {}).get(concept.name, [])),
+                                                 (texts.after_name or {}).get(concept.name, []),
+                                                 config.after_name_weight)
             choice = BasisChoice(basis, f"{choice.kind}+contrastive", choice.bound, tuple(contrasts))
         pooled = None if pooled_width is None or not config.pooled_increment else texts.pooled_basis(
             concept, others, pooled_width, config.rtol)
