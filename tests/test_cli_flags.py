@@ -26,6 +26,7 @@ REQUIRED = {
     "push": ["a.safetensors", "org/repo"],
     "export-lora": ["a.safetensors", "-o", "out"],
     "demo": [],
+    "app": [],
 }
 SKIPPED = (argparse._HelpAction,)
 

@@ -1,5 +1,6 @@
 """Optional dependencies: the core install loads, toggles, fuses, verifies and pushes erasers; training,
-evaluation and the demo need extras (`pip install "sepme-adapter[train]"`, `[eval]`, `[demo]`).
+evaluation, the demo and the web app need extras (`pip install "sepme-adapter[train]"`, `[eval]`, `[demo]`,
+`[app]`).
 
 Modules import an optional package only where a feature uses it, through `require`, so a missing one is
 one clear `ImportError` naming the extra to install, never a failure at `import sepme_adapter`.
@@ -17,6 +18,7 @@ EXTRA_OF = {
     "matplotlib": "train",  # the training report's loss curves (also in [eval])
     "lpips": "eval",
     "torchvision": "eval",
+    "gradio": "app",  # `sepme app`, `sepme_adapter.app.build_app`
 }
 
 

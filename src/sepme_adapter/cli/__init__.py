@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "push": ("push", "upload eraser files, LoRA exports and a model card to a Hugging Face Hub repo"),
     "export-lora": ("export_lora", "write erasers as standard LoRA files (diffusers, ComfyUI, Automatic1111)"),
     "demo": ("demo", "erase, restore and measure on the built-in demo world"),
+    "app": ("app", "a web page (Gradio) on 127.0.0.1 to toggle erasers live and compare images"),
 }
 DEBUG_HELP = "on an error, show the full traceback (also: SEPME_DEBUG=1)"
 
