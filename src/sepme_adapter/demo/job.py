@@ -55,6 +55,8 @@ DEMO_TRAINING = TrainConfig(images_per_concept=8, reference_steps=20, guidance_s
 """The library's defaults (scale-free step sizes, the stop on the relative correlation; nothing tuned
 for the demo world); only the reference images are drawn with the sampler the demo evaluates with."""
 STEPS, GUIDANCE = 20, 5.0
+QUICK_STEPS, QUICK_ITERATIONS = 10, 250
+"""`--quick` (a smoke run of every stage): sampler steps of the evaluation, training iterations per concept."""
 BATCH_SIZE = 40
 """Images per pipeline call (80 UNet rows with guidance): measured fastest of 10 / 40 / 80 on 2 CPU cores."""
 
@@ -102,12 +104,17 @@ def demo_concepts(erased: Sequence[str], kept: Sequence[str], seeds: int, train:
     return result
 
 
+def demo_training(quick: bool, pooled_increment: bool = True) -> TrainConfig:
+    """`DEMO_TRAINING`, with fewer reference images and iterations for `--quick`."""
+    config = replace(DEMO_TRAINING, pooled_increment=pooled_increment)
+    return replace(config, images_per_concept=4, max_iterations=QUICK_ITERATIONS) if quick else config
+
+
 def train_demo_erasers(pipe: Any, out: Path, quick: bool, train: Sequence[int], progress: bool,
                        pooled_increment: bool = True) -> list[Eraser]:
     """The training part of the demo, in one place: each erased concept on its `train` phrasings.
     `pooled_increment=False`: `attn2` increments only, also on the SDXL world (to measure the pooled path)."""
-    config = replace(DEMO_TRAINING, pooled_increment=pooled_increment)
-    config = replace(config, images_per_concept=4) if quick else config
+    config = demo_training(quick, pooled_increment)
     concepts = [Concept(n, prompts=tuple(phrasings(n, train))) for n in ERASED]
     return train_erasers(pipe, concepts, mode="simultaneous", config=config, cache_dir=out / "reference",
                          progress=progress)
@@ -121,7 +128,8 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
     """Train, evaluate, and write `grid.png`, `results.md`, `results.json` and the erasers to `out`.
 
     `threads`: torch CPU threads (None: torch's default, one per core). `quick`: 4 seeds, one held-out
-    phrasing and one composition template per concept (a smoke run). `model`: the demo world, "sd" or
+    phrasing and one composition template per concept, `QUICK_ITERATIONS` per eraser and `QUICK_STEPS` sampler
+    steps (a smoke run). `model`: the demo world, "sd" or
     "sdxl" (the SDXL architecture; same renderer, concepts and classifiers). `pooled_increment=False`:
     SDXL erasers without their pooled increment (`attn2` only), to measure what the pooled path carries.
     """
@@ -146,7 +154,8 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
         write_report(erasers, out / "erasers")
 
         concepts = demo_concepts(ERASED, KEPT, seeds, train_templates, held_out_templates, composition_templates)
-        results = evaluate(pipe, concepts, demo_classifier(), all_subsets(ERASED), steps=STEPS,
+        steps = QUICK_STEPS if quick else STEPS
+        results = evaluate(pipe, concepts, demo_classifier(), all_subsets(ERASED), steps=steps,
                            guidance_scale=GUIDANCE, metric=image_metric(), progress=progress, keep_images=True,
                            batch_size=batch_size)
         images = results.pop("_images")
@@ -157,12 +166,13 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
         results["timing_seconds"] = {"training": round(trained_at - started, 1),
                                      "evaluation": results["generation"]["seconds"],
                                      "total": round(time.monotonic() - started, 1)}
-        results["settings"] = {"model": model, "pooled_increment": pooled_increment, "quick": quick, "seeds": seeds, "steps": STEPS, "guidance_scale": GUIDANCE,
+        results["settings"] = {"model": model, "pooled_increment": pooled_increment, "quick": quick, "seeds": seeds, "steps": steps,
+                               "guidance_scale": GUIDANCE,
                                "batch_size": batch_size, "threads": torch.get_num_threads(),
                                "train_templates": list(train_templates),
                                "held_out_templates": list(held_out_templates),
                                "composition_templates": list(composition_templates),
-                               "training": {**vars(DEMO_TRAINING), "pooled_increment": pooled_increment}}
+                               "training": vars(demo_training(quick, pooled_increment))}
         json_path, md_path = write_results(results, out)
         print(markdown_table(results))
         print(f"\nerasers: {out / 'erasers'}   grid: {grid}   tables: {md_path}, {json_path}")
