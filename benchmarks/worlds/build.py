@@ -1,6 +1,5 @@
 """Build one world of the zoo from its seed: tokenizer, frozen random text encoder, the demo world's
-autoencoder, a denoiser warm-started from the zoo's shared image prior (`prior.py`, built once), classifiers
-and the quality gate.
+autoencoder, a denoiser warm-started from the demo world's, classifiers and the quality gate.
 
     python -m benchmarks.worlds build --seed N [--out DIR] [--quick]
 
@@ -42,18 +41,15 @@ from sepme_adapter.demo.classifier import ConceptClassifier, held_out_accuracy, 
 from sepme_adapter.generation import Job, generate_batched
 from sepme_adapter.testing.tokenizer import write_word_tokenizer
 
-from .prior import ensure_prior
 from .spec import WorldSpec, make_spec
 
-FORMAT = 5  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
+FORMAT = 3  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
 
 
 @dataclass(frozen=True)
 class BuildSettings:
     """The build's budget (not drawn from the seed); `QUICK` for tests."""
 
-    prior_steps: int = 2000  # the shared image prior (`prior.py`), built once for every world
-    prior_batch: int = 32
     unet_steps: int = 900
     unet_batch: int = 32
     unet_lr: float = 2e-3
@@ -72,8 +68,8 @@ class BuildSettings:
     enforce_gate: bool = True
 
 
-QUICK = BuildSettings(prior_steps=4, prior_batch=4, unet_steps=6, unet_batch=8, unet_warmup=2, classifier_steps=6,
-                      classifier_batch=16, gate_seeds=2, gate_steps=2, enforce_gate=False)
+QUICK = BuildSettings(unet_steps=6, unet_batch=8, unet_warmup=2, classifier_steps=6, classifier_batch=16,
+                      gate_seeds=2, gate_steps=2, enforce_gate=False)
 
 
 def _cpu_total(timings: dict) -> float:
@@ -104,16 +100,15 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         torch.manual_seed(recipe.seed)
         text_encoder = random_text_encoder(recipe, tokenizer, spec.text_width)
     vae = AutoencoderKL.from_pretrained(DEMO_ASSETS / "pipeline" / "vae").eval().requires_grad_(False)
-    prior_folder, prior = ensure_prior(settings.prior_steps, settings.prior_batch)
-    start = UNet2DConditionModel.from_pretrained(prior_folder / "unet")
+    demo_unet = UNet2DConditionModel.from_pretrained(DEMO_ASSETS / "pipeline" / "unet")
     noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                     beta_schedule="scaled_linear")
     with _timed(timings, "unet"):
         unet, losses = train_unet(
             recipe, vae, sd_conditioning(tokenizer, text_encoder), noise_scheduler,
-            np.random.default_rng([int(seed), 2]), warm_start=start.state_dict(), sample_batch=spec.sample_batch,
+            np.random.default_rng([int(seed), 2]), warm_start=demo_unet.state_dict(), sample_batch=spec.sample_batch,
         )
-    del start
+    del demo_unet
     scheduler = DDIMScheduler.from_pretrained(DEMO_ASSETS / "pipeline" / "scheduler")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -141,7 +136,6 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         "recipe": asdict(recipe),
         "spec": spec.to_json(),
         "timings": timings,
-        "prior": {"folder": str(prior_folder), "steps": prior["steps"], "cpu_s": prior["timings"]["prior"]["cpu_s"]},
         "build_cpu_s": build_cpu,  # text + denoiser + classifiers
         "total_cpu_s": _cpu_total(timings),  # and the quality gate
         "total_wall_s": round(time.perf_counter() - wall, 1),

@@ -371,11 +371,7 @@ _X, _Y = np.meshgrid(_COORDS, _COORDS)
 
 def render_array(spec: WorldSpec, obj: str, style: str | None, rng: np.random.Generator) -> np.ndarray:
     """`obj`'s glyph painted in `style`'s texture (None / "plain": one flat colour), HxWx3 float32 in [0, 1]."""
-    return render_params(spec.objects[obj], None if style in (None, PLAIN) else spec.styles[style], rng)
-
-
-def render_params(glyph: dict, paint: dict | None, rng: np.random.Generator) -> np.ndarray:
-    """A glyph (`glyph_params`) painted in a texture (`texture_params`; None: one flat colour), HxWx3 in [0, 1]."""
+    glyph = spec.objects[obj]
     cx, cy = rng.uniform(12.0, 20.0, size=2)
     r = rng.uniform(8.5, 11.0)
     angle = glyph["angle"] + rng.uniform(-0.15, 0.15)
@@ -386,10 +382,10 @@ def render_params(glyph: dict, paint: dict | None, rng: np.random.Generator) -> 
     background = _hsv(rng.random(), rng.uniform(0.0, 0.3),
                       rng.uniform(0.78, 0.95) if light else rng.uniform(0.05, 0.25))
     mask = glyph_mask(glyph, u, v)
-    if paint is None:
-        fill = np.broadcast_to(_hsv(rng.random(), rng.uniform(0.55, 1.0), rng.uniform(0.65, 1.0)), (*_X.shape, 3))
+    if style is None or style == PLAIN:
+        paint = np.broadcast_to(_hsv(rng.random(), rng.uniform(0.55, 1.0), rng.uniform(0.65, 1.0)), (*_X.shape, 3))
     else:
-        fill = texture(paint, _X, _Y, cx, cy, r, rng)
-    image = np.where(mask[..., None], fill, background)
+        paint = texture(spec.styles[style], _X, _Y, cx, cy, r, rng)
+    image = np.where(mask[..., None], paint, background)
     image = image.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE, 3).mean(axis=(1, 3))
     return image.astype(np.float32)
