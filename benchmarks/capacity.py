@@ -18,7 +18,7 @@ basis for one-prompt concepts: the 2 contrastive directions inside the exact nul
 
     .venv/bin/python benchmarks/capacity.py            # N up to 100, ~10 min on 1 core
     .venv/bin/python benchmarks/capacity.py --quick    # N up to 10
-    .venv/bin/python benchmarks/capacity.py --smoke    # N up to 2: checks the script runs (seconds)
+    .venv/bin/python benchmarks/capacity.py --smoke    # N up to 2, a small text encoder: checks the script runs
 
 Last line: `RESULT exact_1=<N> exact_4=<N> compact_4_at_0.01=<N> compact_4_at_0.001=<N> contrastive_1=<N>`: the
 largest N (of those measured, all smaller N passing too) at which concept 0's basis keeps its certificate at
@@ -87,14 +87,17 @@ def retain_texts(pipe, name: str, per_concept: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N in (1, 2, 5, 10) only")
-    parser.add_argument("--smoke", action="store_true", help="N in (1, 2) only: checks the script runs (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="N in (1, 2) only, a 192-wide 24-token text encoder: checks the script runs "
+                        "(seconds)")
     parser.add_argument("--effect", type=float, default=0.1, help="relative change of the concept's keys")
     args = parser.parse_args()
     torch.set_num_threads(1)
     counts = [1, 2] if args.smoke else [1, 2, 5, 10] if args.quick else [1, 2, 5, 10, 20, 50, 100]
     names = [f"artist{i}" for i in range(max(counts))]
-    pipe = tiny_pipeline(text_width=768, max_length=77, words=[*" ".join(TEMPLATES).replace("{}", "").split(), *names])
-    weight = torch.randn(320, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 768**0.5
+    width, length = (192, 24) if args.smoke else (768, 77)  # SD v1.5's text geometry; --smoke a small one
+    pipe = tiny_pipeline(text_width=width, max_length=length,
+                         words=[*" ".join(TEMPLATES).replace("{}", "").split(), *names])
+    weight = torch.randn(320, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / width**0.5
     passing: dict[str, list[bool]] = {}
     print(f"| prompts / concept | concepts | basis | dims | energy bound | reach | certificate at {args.effect:.0%} effect "
           "| collateral median | collateral max |")
