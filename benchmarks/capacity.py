@@ -87,8 +87,8 @@ def retain_texts(pipe, name: str, per_concept: int) -> dict[str, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="N in (1, 2, 5, 10) only")
-    parser.add_argument("--smoke", action="store_true", help="N in (1, 2) only, a 192-wide 24-token text encoder: checks the script runs "
-                        "(seconds)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="N in (1, 2) only, a 192-wide 24-token text encoder: checks the script runs (seconds)")
     parser.add_argument("--effect", type=float, default=0.1, help="relative change of the concept's keys")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -238,9 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         erasers = train(world, config)
         trained = time.process_time() - cpu
         if args.save:
-            (Path(args.save) / world.name).mkdir(parents=True, exist_ok=True)
+            folder = Path(args.save) / world.name
+            folder.mkdir(parents=True, exist_ok=True)
             for eraser in erasers:
-                eraser.save(Path(args.save) / world.name / f"{eraser.name}.safetensors")
+                eraser.save(folder / f"{eraser.name}.safetensors")
         result = measure(world, erasers, seeds, steps=steps)
         gate = world.recipe.get("quality_gate", {})
         result["quality_gate"] = {"passed": world.recipe.get("passed"), "worst": gate.get("worst")}

@@ -170,7 +170,7 @@ def _generate(pipe: Any, prompt: str, erased_sets: Sequence[Sequence[str]], seed
     chunks = [unique[i : i + batch_size] for i in range(0, len(unique), batch_size)]
     callback = _steps_callback(int(steps), len(chunks), on_step)
     made = {}
-    for chunk in chunks:  # the negative prompt is a list as long as the call's prompts
+    for chunk in chunks:  # diffusers wants the negative prompt as a list as long as the call's prompts
         negative = [negative_prompt] * len(chunk) if (negative_prompt or "").strip() else None
         extra = {} if negative is None else {"negative_prompt": negative}
         images = generate_batched(pipe, chunk, steps=int(steps), guidance_scale=float(guidance_scale),

@@ -219,8 +219,9 @@ def contrastive_basis(exact: torch.Tensor, concept: Sequence[torch.Tensor], reta
     what it reaches of the concept. `contexts` (the name said in other prompts) weigh as much as the concept's
     own prompts, so the directions follow the name wherever it is said. `after` (the rows after the name in those
     contexts, which carry the name mixed with the words that follow it) join the avoided energy with weight
-    `after_weight`, so the directions keep to the name's own row and spare the words said after it. Returns the basis (`d x dimensions`, float32) and the contrasts
-    (concept energy / retain energy) of the kept directions, largest first."""
+    `after_weight`, so the directions keep to the name's own row and spare the words said after it. Returns the
+    basis (`d x dimensions`, float32) and the contrasts (concept energy / retain energy) of the kept directions,
+    largest first."""
     m = exact.shape[1]
     if dimensions >= m or not retain:
         return exact.to(torch.float32), []

@@ -166,8 +166,8 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
         results["timing_seconds"] = {"training": round(trained_at - started, 1),
                                      "evaluation": results["generation"]["seconds"],
                                      "total": round(time.monotonic() - started, 1)}
-        results["settings"] = {"model": model, "pooled_increment": pooled_increment, "quick": quick, "seeds": seeds, "steps": steps,
-                               "guidance_scale": GUIDANCE,
+        results["settings"] = {"model": model, "pooled_increment": pooled_increment, "quick": quick, "seeds": seeds,
+                               "steps": steps, "guidance_scale": GUIDANCE,
                                "batch_size": batch_size, "threads": torch.get_num_threads(),
                                "train_templates": list(train_templates),
                                "held_out_templates": list(held_out_templates),
