@@ -25,7 +25,9 @@ _EXPORTS = {
     "TrainingError": ".errors",
     "export_lora": ".hub",
     "push_to_hub": ".hub",
+    "SepMEFluxPipeline": ".loader",
     "SepMELoaderMixin": ".loader",
+    "SepMEStableDiffusion3Pipeline": ".loader",
     "SepMEStableDiffusionPipeline": ".loader",
     "SepMEStableDiffusionXLPipeline": ".loader",
     "SepMEWarning": ".loader",
@@ -51,7 +53,9 @@ if _TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eager
     )
     from .hub import export_lora, push_to_hub
     from .loader import (
+        SepMEFluxPipeline,
         SepMELoaderMixin,
+        SepMEStableDiffusion3Pipeline,
         SepMEStableDiffusionPipeline,
         SepMEStableDiffusionXLPipeline,
         SepMEWarning,
@@ -69,7 +73,9 @@ __all__ = [
     "ErasureNotAppliedError",
     "ErasureRuntime",
     "SepMEError",
+    "SepMEFluxPipeline",
     "SepMELoaderMixin",
+    "SepMEStableDiffusion3Pipeline",
     "SepMEStableDiffusionPipeline",
     "SepMEStableDiffusionXLPipeline",
     "SepMEStateError",

@@ -40,18 +40,27 @@ def stack_embeddings(embeddings: torch.Tensor | Sequence[torch.Tensor]) -> torch
     return torch.cat(rows, dim=0)
 
 
-def default_rtol(rows: int, width: int) -> float:
-    """Rank tolerance relative to the largest singular value: float32 round-off of the encoder."""
-    return max(rows, width) * torch.finfo(torch.float32).eps
+def default_rtol(rows: int, width: int, dtype: torch.dtype = torch.float32) -> float:
+    """Rank tolerance relative to the largest singular value: the round-off of the encoder (float32; float64
+    for embeddings a float64 encoder computed)."""
+    return max(rows, width) * torch.finfo(dtype).eps
+
+
+def embeddings_dtype(embeddings: torch.Tensor | Sequence[torch.Tensor]) -> torch.dtype:
+    """float64 when every embedding is float64 (a float64 encoder's rows), else float32: their round-off."""
+    parts = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+    wide = parts and all(isinstance(p, torch.Tensor) and p.dtype == torch.float64 for p in parts)
+    return torch.float64 if wide else torch.float32
 
 
 def null_space_basis(
-    embeddings: torch.Tensor | Sequence[torch.Tensor], rtol: float | None = None
+    embeddings: torch.Tensor | Sequence[torch.Tensor], rtol: float | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Orthonormal basis `S_p` (`d_in x m`, float32) of the null space of the stacked embeddings (Eq. 8).
 
     Singular values below `rtol * sigma_max` count as zero (default: `max(rows, d_in) * eps_float32`,
-    the round-off of float32 text encoders). Raise `EmptyNullSpaceError` when nothing is left.
+    the round-off of float32 text encoders; `eps_float64` when every embedding is float64). Raise `EmptyNullSpaceError` when nothing is left. `dtype`: of the
+    result (float64 for checks in float64 pipelines, where the float32 basis's own round-off would decide).
 
     Example:
         >>> basis = null_space_basis([blank_embedding, picasso_embedding])  # (768, 614) on SD v1
@@ -59,7 +68,7 @@ def null_space_basis(
     matrix = stack_embeddings(embeddings)
     rows, width = matrix.shape
     _, singular, vh = torch.linalg.svd(matrix, full_matrices=True)
-    tol = (default_rtol(rows, width) if rtol is None else float(rtol)) * (
+    tol = (default_rtol(rows, width, embeddings_dtype(embeddings)) if rtol is None else float(rtol)) * (
         float(singular[0]) if singular.numel() else 0.0
     )
     rank = int((singular > tol).sum())
@@ -69,16 +78,17 @@ def null_space_basis(
             f"so no increment can leave all of them untouched. Use fewer known or protected prompts "
             f"(each prompt adds up to its token count of rows), or a larger rtol."
         )
-    return vh[rank:].T.contiguous().to(torch.float32)
+    return vh[rank:].T.contiguous().to(dtype)
 
 
-def pooled_basis(pooled: Sequence[torch.Tensor], width: int, rtol: float | None = None) -> torch.Tensor:
+def pooled_basis(pooled: Sequence[torch.Tensor], width: int, rtol: float | None = None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`S_pool` of SDXL's pooled increment (`width x m`, float32): the exact null space (Eq. 8) of the excluded
     prompts' pooled embeddings (one row per prompt, `d_pool` wide), with zero rows for the rest of
     `add_embedding.linear_1`'s input (`width` = `d_pool` + the embedded time ids), so the increment changes
     the pooled-text columns only. Raise `EmptyNullSpaceError` when nothing is left."""
-    basis = null_space_basis([p.reshape(-1, p.shape[-1]) for p in pooled if p.numel()], rtol=rtol)
-    padded = torch.zeros(width, basis.shape[1], dtype=torch.float32)
+    basis = null_space_basis([p.reshape(-1, p.shape[-1]) for p in pooled if p.numel()], rtol=rtol, dtype=dtype)
+    padded = torch.zeros(width, basis.shape[1], dtype=dtype)
     padded[: basis.shape[0]] = basis
     return padded
 

@@ -8,7 +8,9 @@ known concepts' prompts, protected prompts; each an `L x d_in` embedding `c`), t
 the largest relative change of any `attn2` key or value those prompts see. With the exact null space
 (Eq. 8) it is float round-off (~1e-7); with a compact basis it is the measured price of capacity.
 An SDXL eraser's pooled increment counts too: `||p dW^T|| / ||p W^T||` on `add_embedding.linear_1`'s
-pooled-text columns for each excluded prompt's pooled embedding `p`.
+pooled-text columns for each excluded prompt's pooled embedding `p`. FLUX / SD3 erasers: the layer is
+`context_embedder` (the relative change of the context rows the joint blocks read) and the pooled layer
+`time_text_embed.text_embedder.linear_1`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 import torch
 
 from .eraser import Eraser
+from .mmdit import POOLED_LAYERS, TEXT_LAYERS, denoiser
 from .text import encode_prompts_pooled
-from .unet import POOLED_LAYER, layer_weight
+from .unet import layer_weight
 
 
 def relative_change(embeddings: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -41,12 +44,12 @@ def leakage_certificate(pipe: Any, eraser: Eraser, prompts: list[str] | None = N
     texts = texts.double()
     worst, worst_prompt, worst_layer = 0.0, None, None
     for layer in sorted(eraser.weights):
-        if not layer.endswith(("to_k", "to_v")) and layer != POOLED_LAYER:
+        if not layer.endswith(TEXT_LAYERS) and layer not in POOLED_LAYERS:
             continue  # dense to_q / to_out increments do not read text
         weight = (original_weights or {}).get(layer)
-        weight = (layer_weight(pipe.unet, layer) if weight is None else weight).detach().double().cpu()
+        weight = (layer_weight(denoiser(pipe), layer) if weight is None else weight).detach().double().cpu()
         inputs = texts
-        if layer == POOLED_LAYER:  # one row per prompt: its pooled embedding, zeros on the time-id columns
+        if layer in POOLED_LAYERS:  # one row per prompt: its pooled embedding, zeros on the time-id columns
             inputs = torch.zeros(len(prompts), 1, weight.shape[1], dtype=torch.float64)
             inputs[:, 0, : pooled.shape[-1]] = pooled.double()
         changes = relative_change(inputs, eraser.delta(layer).double(), weight)
@@ -73,10 +76,10 @@ def collateral_certificate(pipe: Any, eraser: Eraser, prompts: list[str] | None 
     texts = encode_prompts_pooled(pipe, prompts)[0].double()
     worst = torch.zeros(len(prompts), dtype=torch.float64)
     for layer in sorted(eraser.weights):
-        if not layer.endswith(("to_k", "to_v")):
+        if not layer.endswith(TEXT_LAYERS):
             continue
         weight = (original_weights or {}).get(layer)
-        weight = (layer_weight(pipe.unet, layer) if weight is None else weight).detach().double().cpu()
+        weight = (layer_weight(denoiser(pipe), layer) if weight is None else weight).detach().double().cpu()
         worst = torch.maximum(worst, relative_change(texts, eraser.delta(layer).double(), weight))
     index = int(worst.argmax())
     return {"median": float(worst.median()), "max": float(worst[index]), "worst_prompt": prompts[index],

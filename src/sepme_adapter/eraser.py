@@ -15,6 +15,10 @@ SDXL erasers may also carry the pooled increment: `dW = beta * w S_pool^T` on `a
 the layer the pooled text embedding enters, with its own basis `S_pool` (tensor `pooled_basis`): the
 null space of the excluded prompts' pooled embeddings, as wide as the layer's input with zero rows on
 the time-id part, so only the pooled-text columns change.
+
+FLUX and SD3 erasers (`mmdit.py`) change `context_embedder` (the layer the per-token text enters; `w` is
+`d_model x m` on the same kind of basis `S_p`, the null space of the excluded prompts' encoder rows) and may carry
+the pooled increment on `time_text_embed.text_embedder.linear_1` (its input is the pooled embedding alone).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ from .formats import (
     lora_from_eraser,
     read_safetensors,
 )
-from .unet import DENSE_LAYERS, POOLED_LAYER, SEPARABLE_LAYERS
+from .mmdit import CONTEXT_LAYER, MMDIT_POOLED_LAYER, POOLED_LAYERS, TEXT_LAYERS
+from .unet import DENSE_LAYERS
 
 
 @dataclass
@@ -70,7 +75,7 @@ class Eraser:
         down: rank-r erasers only: per layer the LoRA down-projection, `A` (r x m, basis coordinates) with
             a `basis`, or `A S_p^T` (r x d_in, as stored in files) with `basis=None`; `weights[layer]` is
             then `B` (d_out x r). Empty (the default): full rank.
-        pooled_basis: SDXL only: `S_pool` (`d_in(add_embedding.linear_1) x m_pool`, orthonormal columns, zero
+        pooled_basis: SDXL, FLUX, SD3: `S_pool` (`d_in(add_embedding.linear_1) x m_pool`, orthonormal columns, zero
             rows on the time-id part) of the pooled increment `weights["add_embedding.linear_1"]`; None: none.
 
     Example:
@@ -113,17 +118,23 @@ class Eraser:
         if self.basis is not None:
             return int(self.basis.shape[0])
         if self.down:
-            return int(next(a for p, a in self.down.items() if p != POOLED_LAYER).shape[1])
-        return int(next(w.shape[1] for p, w in self.weights.items() if p.endswith(SEPARABLE_LAYERS)))
+            return int(next(a for p, a in self.down.items() if p not in POOLED_LAYERS).shape[1])
+        return int(next(w.shape[1] for p, w in self.weights.items() if p.endswith(TEXT_LAYERS)))
 
     @property
     def has_pooled(self) -> bool:
-        """Whether the eraser carries the pooled increment (SDXL's `add_embedding.linear_1`)."""
-        return POOLED_LAYER in self.weights
+        """Whether the eraser carries the pooled increment (SDXL's `add_embedding.linear_1`; FLUX / SD3:
+        `time_text_embed.text_embedder.linear_1`)."""
+        return self.pooled_layer is not None
+
+    @property
+    def pooled_layer(self) -> str | None:
+        """The path of the pooled increment's layer, or None."""
+        return next((p for p in POOLED_LAYERS if p in self.weights), None)
 
     def basis_for(self, layer_path: str) -> torch.Tensor | None:
         """The basis a layer's increment lives in: `S_pool` for the pooled layer, else `S_p`."""
-        return self.pooled_basis if layer_path == POOLED_LAYER else self.basis
+        return self.pooled_basis if layer_path in POOLED_LAYERS else self.basis
 
     def down_projection(self, layer_path: str) -> torch.Tensor:
         """A rank-r layer's LoRA down-projection `A S_p^T` (r x d_in; rows in the null space), detached,
@@ -138,13 +149,14 @@ class Eraser:
         `beta * B @ (A S_p^T)`."""
         if layer_path not in self.weights:
             raise KeyError(f"eraser {self.name!r} has no increment for {layer_path!r}; it has {sorted(self.weights)}")
-        w = self.weights[layer_path].detach().float()
+        w = self.weights[layer_path].detach()
+        w = w.to(torch.promote_types(w.dtype, torch.float32))  # float32, or float64 for a float64 eraser
         if self.down:
-            return self.beta * (w @ self.down_projection(layer_path).float())
+            return self.beta * (w @ self.down_projection(layer_path).to(w.dtype))
         basis = self.basis_for(layer_path)
         if basis is None:
             return self.beta * w
-        return self.beta * (w @ basis.detach().float().T)
+        return self.beta * (w @ basis.detach().to(w.dtype).T)
 
     def dtheta_p(self) -> float:
         """`||dtheta||_p = ||dtheta||_1 / M`, M = number of modified layers (paper Eq. 4)."""
@@ -209,10 +221,10 @@ class Eraser:
                 fail(f"basis must be d_in x m with 1 <= m <= d_in, got shape {tuple(self.basis.shape)}")
         if not isinstance(self.weights, dict) or not self.weights:
             fail("weights is empty: an eraser needs at least one layer increment")
-        allowed = SEPARABLE_LAYERS if self.separable else DENSE_LAYERS
+        allowed = TEXT_LAYERS if self.separable else DENSE_LAYERS
         self._validate_pooled(fail)
         for path, w in self.weights.items():
-            if path == POOLED_LAYER:
+            if path in POOLED_LAYERS:
                 self._check_tensor(w, path, fail)
                 continue  # checked by _validate_pooled
             if not isinstance(path, str) or not path.endswith(allowed):
@@ -225,6 +237,10 @@ class Eraser:
                 continue  # checked with the down-projections below
             if self.basis is not None and w.shape[1] != self.basis.shape[1]:
                 fail(f"{path}: w has {w.shape[1]} columns but the basis has {self.basis.shape[1]} (m must match)")
+        transformer = [p for p in self.weights if p in (CONTEXT_LAYER, MMDIT_POOLED_LAYER)]
+        if transformer and len(transformer) != len(self.weights):
+            fail(f"the layers mix a transformer's ({', '.join(transformer)}) with a UNet's; an eraser is for one "
+                 f"model family")
         if self.down:
             self._validate_down(fail)
 
@@ -232,23 +248,26 @@ class Eraser:
         """The pooled increment: separable only, with its own basis (full rank) or down-projection (rank r)."""
         if not self.has_pooled:
             if self.pooled_basis is not None:
-                fail(f"a pooled basis without a pooled increment ({POOLED_LAYER}.w)")
+                fail(f"a pooled basis without a pooled increment ({' or '.join(POOLED_LAYERS)}.w)")
             return
-        w = self.weights[POOLED_LAYER]
+        if sum(p in self.weights for p in POOLED_LAYERS) > 1:
+            fail(f"more than one pooled increment ({', '.join(p for p in POOLED_LAYERS if p in self.weights)})")
+        layer = self.pooled_layer
+        w = self.weights[layer]
         if w.ndim != 2:
-            fail(f"{POOLED_LAYER}: w must be 2-D, got shape {tuple(w.shape)}")
+            fail(f"{layer}: w must be 2-D, got shape {tuple(w.shape)}")
         if not self.separable:
-            fail(f"{POOLED_LAYER}: only separable erasers carry a pooled increment")
-        if self.pooled_basis is None and POOLED_LAYER not in self.down:
-            fail(f"{POOLED_LAYER}: the pooled increment needs its basis 'pooled_basis' (or, rank r, a "
-                 f"'{POOLED_LAYER}.down')")
+            fail(f"{layer}: only separable erasers carry a pooled increment")
+        if self.pooled_basis is None and layer not in self.down:
+            fail(f"{layer}: the pooled increment needs its basis 'pooled_basis' (or, rank r, a "
+                 f"'{layer}.down')")
         if self.pooled_basis is not None:
             basis = self.pooled_basis
             self._check_tensor(basis, POOLED_BASIS_KEY, fail)
             if basis.ndim != 2 or not 1 <= basis.shape[1] <= basis.shape[0]:
                 fail(f"pooled_basis must be d_in x m with 1 <= m <= d_in, got shape {tuple(basis.shape)}")
-            if POOLED_LAYER not in self.down and w.shape[1] != basis.shape[1]:
-                fail(f"{POOLED_LAYER}: w has {w.shape[1]} columns but pooled_basis has {basis.shape[1]}")
+            if layer not in self.down and w.shape[1] != basis.shape[1]:
+                fail(f"{layer}: w has {w.shape[1]} columns but pooled_basis has {basis.shape[1]}")
 
     def _validate_down(self, fail) -> None:
         """Rank r: one `A` per layer, chaining with `B`, in basis coordinates (with a basis) or d_in wide."""
@@ -260,13 +279,13 @@ class Eraser:
             self._check_tensor(down, f"{path}{DOWN_SUFFIX}", fail)
             if down.ndim != 2 or down.shape[0] < 1:
                 fail(f"{path}: the down-projection must be r x {'m' if width else 'd_in'}, got {tuple(down.shape)}")
-            if path == POOLED_LAYER:  # its own basis and width
+            if path in POOLED_LAYERS:  # its own basis and width
                 if self.pooled_basis is not None and down.shape[1] != self.pooled_basis.shape[1]:
                     fail(f"{path}: the down-projection has {down.shape[1]} columns, pooled_basis "
                          f"{self.pooled_basis.shape[1]}")
             elif width is None:
                 width = int(down.shape[1])
-            if path != POOLED_LAYER and down.shape[1] != width:
+            if path not in POOLED_LAYERS and down.shape[1] != width:
                 fail(f"{path}: the down-projection has {down.shape[1]} columns, expected {width} "
                      f"({'the basis dimension m' if self.basis is not None else 'the text width, as every layer'})")
             if self.weights[path].shape[1] != down.shape[0]:

@@ -1,6 +1,7 @@
 """The base-model fingerprint an eraser carries, so a file for another model is refused at load time.
 
-It is derived from the weights erasers modify (`to_k` / `to_v` of every `attn2`) and from the
+It is derived from the weights erasers modify (`to_k` / `to_v` of every `attn2`; FLUX / SD3: `context_embedder`)
+and from the
 blank prompt's embedding `c_0`, so a file trained on another base model, or on the same UNet with
 another text encoder, is caught. It compares sums with a relative tolerance, so the same model in
 fp16 / bf16 still matches.
@@ -15,8 +16,9 @@ from typing import Any
 
 import torch
 
+from .mmdit import denoiser, text_layer_paths
 from .text import encode_prompts
-from .unet import layer_weight, modified_layers
+from .unet import layer_weight
 
 FINGERPRINT_RTOL = 1e-4
 
@@ -28,8 +30,9 @@ def fingerprint(pipe: Any, original_weights: dict[str, torch.Tensor] | None = No
     """
     original_weights = original_weights or {}
     layers = []
-    for key in modified_layers(pipe.unet):
-        weight = original_weights.get(key, layer_weight(pipe.unet, key)).detach().double()
+    model = denoiser(pipe)
+    for key in text_layer_paths(model):
+        weight = original_weights.get(key, layer_weight(model, key)).detach().double()
         layers.append([key, list(weight.shape), float(weight.sum()), float(weight.abs().sum())])
     blank = encode_prompts(pipe, [""]).double()
     record = {"layers": layers, "blank": [float(blank.sum()), float(blank.abs().sum())]}

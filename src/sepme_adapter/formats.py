@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 
 from .errors import EraserFileError
-from .unet import POOLED_LAYER
+from .mmdit import POOLED_LAYERS, TRANSFORMER_FAMILY, layer_family
 
 FORMAT_NAME = "sepme-eraser"
 FORMAT_VERSION = "1"
@@ -51,6 +51,8 @@ LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key: LoraConfi
 LORA_LAYOUT = "sepme-lora-v1"  # separable: A = S_p^T (rank r: A S_p^T), B = beta * w; dense: A @ B = beta * w
 KOHYA_LAYOUT = "sepme-kohya-v1"  # the same factors under kohya key names
 UNET_PREFIX = "unet."
+TRANSFORMER_PREFIX = "transformer."  # FLUX / SD3: diffusers' Flux / SD3 LoRA loaders read `transformer.<layer>`
+LORA_PREFIXES = (UNET_PREFIX, TRANSFORMER_PREFIX)
 LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 KOHYA_PREFIX = "lora_unet_"
 KOHYA_SUFFIXES = {".lora_down.weight": "lora_A", ".lora_up.weight": "lora_B"}
@@ -144,6 +146,7 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
     With `lora_alpha == r` per layer (recorded in `lora_adapter_metadata`) the LoRA adds exactly `dW`.
     """
     beta, basis, downs = float(header["beta"]), tensors.get(BASIS_KEY), layer_downs(tensors)
+    prefix = lora_prefix(layer_weights(tensors))
     lora: StateDict = {}
     ranks: dict[str, int] = {}
     for layer_path, w in sorted(layer_weights(tensors).items()):
@@ -151,10 +154,10 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
             lora_a = downs[layer_path].detach().cpu().contiguous()
             lora_b = (beta * w.detach().cpu().float()).to(w.dtype).contiguous()
         else:
-            own = tensors.get(POOLED_BASIS_KEY) if layer_path == POOLED_LAYER else basis
+            own = tensors.get(POOLED_BASIS_KEY) if layer_path in POOLED_LAYERS else basis
             lora_a, lora_b = lora_factors(w, beta, own)
-        lora[f"{UNET_PREFIX}{layer_path}.lora_A.weight"] = lora_a
-        lora[f"{UNET_PREFIX}{layer_path}.lora_B.weight"] = lora_b
+        lora[f"{prefix}{layer_path}.lora_A.weight"] = lora_a
+        lora[f"{prefix}{layer_path}.lora_B.weight"] = lora_b
         ranks[layer_path] = int(lora_a.shape[0])
     rank = max(set(ranks.values()), key=list(ranks.values()).count)
     pattern = {f"^{path}": r for path, r in ranks.items() if r != rank}
@@ -162,10 +165,15 @@ def lora_from_eraser(tensors: StateDict, header: Header) -> tuple[StateDict, Hea
               "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none"}
     lora_header = {
         "format": "pt",
-        LORA_ADAPTER_METADATA_KEY: json.dumps({f"{UNET_PREFIX}{k}": v for k, v in config.items()}, sort_keys=True),
+        LORA_ADAPTER_METADATA_KEY: json.dumps({f"{prefix}{k}": v for k, v in config.items()}, sort_keys=True),
         SEPME_LORA_KEY: json.dumps({**header, "lora_layout": LORA_LAYOUT}),
     }
     return lora, lora_header
+
+
+def lora_prefix(layer_paths: Any) -> str:
+    """The key prefix of a LoRA export: `transformer.` for a FLUX / SD3 eraser's layers, else `unet.`."""
+    return TRANSFORMER_PREFIX if layer_family(layer_paths) == TRANSFORMER_FAMILY else UNET_PREFIX
 
 
 LORA_FORMATS = ("diffusers", "kohya")  # PEFT `unet.<layer>.lora_A.weight`; kohya `lora_unet_<layer>.lora_down.weight`
@@ -182,6 +190,10 @@ def kohya_from_lora(lora: StateDict, lora_header: Header) -> tuple[StateDict, He
     Automatic1111 and diffusers' kohya conversion). Only those keys, so no loader warns of a stray one.
     The eraser's header rides along (`sepme_eraser`, with the layer paths) so `load_sepme` reads it back."""
     pairs = _lora_pairs(lora, lambda problem: EraserFileError(f"LoRA export: {problem}"))
+    if layer_family(pairs) == TRANSFORMER_FAMILY:
+        raise ValueError("the kohya layout is for UNet (SD v1 / v2 / XL) erasers; a FLUX / SD3 eraser exports in the "
+                         "diffusers layout (format='diffusers'), which FluxPipeline / StableDiffusion3Pipeline"
+                         ".load_lora_weights read")
     kohya: StateDict = {}
     for layer_path, pair in sorted(pairs.items()):
         name = kohya_name(layer_path)
@@ -262,12 +274,12 @@ def eraser_from_lora(tensors: StateDict, header: Header, source: str = "eraser")
             state[f"{path}{WEIGHT_SUFFIX}"] = (lora_b.double() / beta).to(lora_b.dtype).contiguous()
         return state, sepme
     separable = sepme.get("kind") == "separable"
-    first_a = next(pair for path, pair in factors.items() if path != POOLED_LAYER)["lora_A"]
+    first_a = next(pair for path, pair in factors.items() if path not in POOLED_LAYERS)["lora_A"]
     for path, pair in factors.items():
         lora_a, lora_b = pair["lora_A"], pair["lora_B"]
         if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_b.shape[1] != lora_a.shape[0]:
             raise fail(f"{path}: lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not chain")
-        if separable and path == POOLED_LAYER:  # the pooled increment has its own basis
+        if separable and path in POOLED_LAYERS:  # the pooled increment has its own basis
             state[POOLED_BASIS_KEY] = lora_a.T.contiguous()
             w = lora_b.double() / beta
         elif separable:
@@ -286,12 +298,18 @@ def eraser_from_lora(tensors: StateDict, header: Header, source: str = "eraser")
 def _lora_pairs(tensors: StateDict, fail: Any) -> dict[str, dict[str, torch.Tensor]]:
     """`<layer path>` -> `{"lora_A": ..., "lora_B": ...}`; refuses stray or unpaired tensors."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    prefixes = set()
     for key, tensor in tensors.items():
         suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
-        if not key.startswith(UNET_PREFIX) or suffix is None:
+        prefix = next((p for p in LORA_PREFIXES if key.startswith(p)), None)
+        if prefix is None or suffix is None:
             raise fail(f"unexpected tensor {key!r} in a SepME LoRA export (expected "
-                       f"'unet.<layer>.lora_A.weight' / '.lora_B.weight')")
-        factors.setdefault(key[len(UNET_PREFIX): -len(suffix)], {})[suffix[1:7]] = tensor
+                       f"'unet.<layer>.lora_A.weight' / '.lora_B.weight', or 'transformer.<layer>...' for FLUX / SD3)")
+        prefixes.add(prefix)
+        factors.setdefault(key[len(prefix): -len(suffix)], {})[suffix[1:7]] = tensor
+    if len(prefixes) > 1 or (prefixes and prefixes != {lora_prefix(factors)}):
+        raise fail(f"the LoRA export's key prefixes {sorted(prefixes)} do not match its layers (a UNet's layers go "
+                   f"under 'unet.', a transformer's under 'transformer.'); re-export the eraser")
     if not factors:
         raise fail("the LoRA export holds no tensors")
     incomplete = sorted(path for path, pair in factors.items() if len(pair) != 2)

@@ -22,6 +22,7 @@ from .eraser import Eraser
 from .errors import EraserFileError
 from .files import eraser_filename
 from .formats import LORA_FORMATS, SEPME_LORA_KEY, atomic_save_safetensors, serialized_size
+from .mmdit import TRANSFORMER_FAMILY, layer_family
 
 LORA_FOLDER = "lora"  # where push_to_hub puts the plain-diffusers exports inside a repo
 LIBRARY_NAME = "sepme-adapter"
@@ -140,10 +141,15 @@ def _table(mapping: dict[str, Any], heading: str) -> list[str]:
 
 def base_pipeline_class(erasers: Sequence[Eraser]) -> str:
     """The diffusers pipeline class of the erasers' base model for the card's snippets: the one recorded at
-    training (`metadata["pipeline"]`) when it is an SDXL one, `StableDiffusionXLPipeline` for SDXL's 2048-wide
-    text, else `StableDiffusionPipeline`."""
+    training (`metadata["pipeline"]`) when it is an SDXL, FLUX or SD3 one, `StableDiffusionXLPipeline` for SDXL's
+    2048-wide text, `DiffusionPipeline` for a transformer eraser that recorded none, else `StableDiffusionPipeline`."""
     for eraser in erasers:
         recorded = str(eraser.metadata.get("pipeline") or "")
+        for family in ("Flux", "StableDiffusion3"):
+            if recorded.startswith(family):
+                return f"{family}Pipeline"
+        if layer_family(eraser.weights) == TRANSFORMER_FAMILY:
+            return "DiffusionPipeline"  # a FLUX or SD3 eraser that did not record which
         if recorded.startswith("StableDiffusionXL") or (eraser.separable and eraser.text_width == 2048):
             return "StableDiffusionXLPipeline"
     return "StableDiffusionPipeline"
@@ -169,17 +175,22 @@ def model_card(
     recorded = sorted({str(e.metadata.get("base_model") or "unknown") for _, e in entries})
     base_note = [] if len(bases) == 1 else [f"# BASE_MODEL: the model the erasers were trained on ({', '.join(recorded)})"]
     names = [e.name for _, e in entries]
+    transformer = any(layer_family(e.weights) == TRANSFORMER_FAMILY for _, e in entries)
+    where = ("the transformer's `context_embedder` (the layer its text tokens enter) and its pooled-text layer"
+             if transformer else "the cross-attention `to_k` / `to_v` layers")
+    kept, kept_one = (("context rows (what every joint block reads)", "context row") if transformer
+                      else ("keys and values", "cross-attention key or value"))
     first_file = entries[0][0]
     lines = [
         f"# SepME erasers: {', '.join(names)}", "",
         "Separable, reversible concept erasers made with "
         "sepme-adapter, an implementation of SepME "
         "(*Separable Multi-Concept Erasure from Diffusion Models*). Each file is one concept's weight "
-        "increment `dW = beta * w @ S_p^T` on the cross-attention `to_k` / `to_v` layers; any subset can "
+        f"increment `dW = beta * w @ S_p^T` on {where}; any subset can "
         "be erased or restored at run time. `S_p` spans the null space of the blank prompt's, the known "
-        "concepts' and the protected prompts' text embeddings, so those keep their exact keys and values "
+        f"concepts' and the protected prompts' text embeddings, so those keep their exact {kept} "
         "(exact basis) or move by at most the eraser's leakage certificate (compact basis: the largest "
-        "relative change of any cross-attention key or value over those prompts, measured after training).",
+        f"relative change of any {kept_one} over those prompts, measured after training).",
         "", "## Concepts", "",
         "| concept | file | prompts | known concepts (kept exact) | protected prompts | kind | basis | rank | "
         "file size | leakage certificate | beta | ‖dθ‖ₚ |",
@@ -233,8 +244,9 @@ def model_card(
         lines += [
             "## Usage with plain diffusers (no sepme-adapter)", "",
             f"`{LORA_FOLDER}/` holds the same erasers as standard LoRA files: `lora_A = S_p^T` (rank r: "
-            "`A S_p^T`), `lora_B = beta * w`, scale 1, so the LoRA adds exactly the SepME increment. For "
-            "ComfyUI / Automatic1111, convert with `sepme export-lora --format kohya`.", "",
+            "`A S_p^T`), `lora_B = beta * w`, scale 1, so the LoRA adds exactly the SepME increment."
+            + ("" if transformer else " For ComfyUI / Automatic1111, convert with `sepme export-lora --format kohya`."),
+            "",
             "```python",
             f"from diffusers import {pipeline_class}", "", *base_note,
             f"pipe = {pipeline_class}.from_pretrained({base!r})",

@@ -17,12 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import ModelMixin, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    FluxPipeline,
+    ModelMixin,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from .eraser import Eraser
 from .errors import BaseModelMismatchError, SepMEStateError
 from .files import resolve_eraser_files
 from .fingerprint import fingerprint, fingerprint_mismatch
+from .mmdit import TEXT_LAYERS, TRANSFORMER_FAMILY, denoiser, family, is_transformer, layer_family
 from .runtime import ErasureRuntime
 from .unet import base_linear, layer_weight
 
@@ -30,14 +37,15 @@ RUNTIME_ATTRIBUTE = "_sepme_runtime"
 
 
 def erasure_runtime(pipe: Any, create: bool = False) -> ErasureRuntime | None:
-    """The `ErasureRuntime` of a pipeline's UNet (its loaded erasers and plans); `create` makes one."""
-    runtime = getattr(pipe.unet, RUNTIME_ATTRIBUTE, None)
+    """The `ErasureRuntime` of a pipeline's UNet or transformer (its loaded erasers and plans); `create` makes one."""
+    model = denoiser(pipe)
+    runtime = getattr(model, RUNTIME_ATTRIBUTE, None)
     if runtime is None and create:
-        runtime = ErasureRuntime(pipe.unet)
-        setattr(pipe.unet, RUNTIME_ATTRIBUTE, runtime)
+        runtime = ErasureRuntime(model)
+        setattr(model, RUNTIME_ATTRIBUTE, runtime)
         # one UNet-level override, so pipe.save_pretrained and pipe.unet.save_pretrained both say
         # what they save; a bound method, so copy.deepcopy binds the copy's to the copied UNet
-        pipe.unet.save_pretrained = types.MethodType(_save_pretrained_noting_erasure, pipe.unet)
+        model.save_pretrained = types.MethodType(_save_pretrained_noting_erasure, model)
     return runtime
 
 
@@ -88,10 +96,19 @@ class SepMELoaderMixin:
         return runtime.base_fingerprint
 
     def _check_fits(self, eraser: Eraser, runtime: ErasureRuntime, allow_base_mismatch: bool, source: str) -> None:
-        """Shapes always; the base-model fingerprint unless `allow_base_mismatch`."""
+        """The model family and shapes always; the base-model fingerprint unless `allow_base_mismatch`."""
+        model = denoiser(self)
+        made_for, this = layer_family(eraser.weights), family(model)
+        if made_for != this:
+            kinds = {TRANSFORMER_FAMILY: "a FLUX / SD3 transformer (context_embedder)",
+                     "unet": "a Stable Diffusion v1 / v2 / XL UNet (attn2)"}
+            raise BaseModelMismatchError(
+                f"{source}: eraser {eraser.name!r} was made for {kinds[made_for]} but {type(self).__name__} has "
+                f"{kinds[this]}; load it onto a pipeline of its base model "
+                f"({eraser.metadata.get('base_model', 'unknown')!r}), or train an eraser for this model")
         for layer_path, w in eraser.weights.items():
             try:
-                linear = base_linear(self.unet.get_submodule(layer_path))
+                linear = base_linear(model.get_submodule(layer_path))
             except AttributeError:
                 raise BaseModelMismatchError(
                     f"{source}: layer {layer_path!r} does not exist in this UNet; the eraser was made for "
@@ -114,7 +131,7 @@ class SepMELoaderMixin:
                     f"{source}: {layer_path} has w of shape {tuple(w.shape)}, this UNet needs {expected}; "
                     f"the eraser was made for another model"
                 )
-            if eraser.separable and eraser.text_width != d_in and layer_path.endswith(("to_k", "to_v")):
+            if eraser.separable and eraser.text_width != d_in and layer_path.endswith(TEXT_LAYERS):
                 raise BaseModelMismatchError(
                     f"{source}: the eraser's basis is for {eraser.text_width}-wide text embeddings but "
                     f"{layer_path} reads {d_in}-wide ones (SD v1 is 768, SD v2 is 1024)"
@@ -286,7 +303,7 @@ class SepMELoaderMixin:
         if runtime is None:
             if names:
                 raise KeyError(f"no eraser named {list(names)} is loaded; loaded: []")
-            _remove_runtime(self.unet)  # a left-over save_pretrained override, if any
+            _remove_runtime(denoiser(self))  # a left-over save_pretrained override, if any
             return
         if runtime.fused:
             raise SepMEStateError("erasers are fused into the weights; call pipe.unfuse_sepme() before unloading")
@@ -299,7 +316,7 @@ class SepMELoaderMixin:
         for name in names:
             runtime.discard(name)
         if not runtime.erasers:
-            _remove_runtime(self.unet)
+            _remove_runtime(denoiser(self))
 
     @torch.no_grad()
     def fuse_sepme(self) -> None:
@@ -326,11 +343,12 @@ class SepMELoaderMixin:
                 totals[layer_path] = delta if layer_path not in totals else totals[layer_path] + delta
         originals = {}
         for layer_path, delta in totals.items():
-            weight = layer_weight(self.unet, layer_path)
+            weight = layer_weight(denoiser(self), layer_path)
             originals[layer_path] = weight.detach().clone()
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            wide = torch.promote_types(weight.dtype, torch.float32)  # float32, float64 for a float64 model
+            weight.copy_((weight.to(wide) + delta.to(weight.device, wide)).to(weight.dtype))
         runtime.fused_originals = originals
-        runtime.fused_checksums = {p: _checksum(layer_weight(self.unet, p)) for p in totals}
+        runtime.fused_checksums = {p: _checksum(layer_weight(denoiser(self), p)) for p in totals}
         runtime.fused_names = list(runtime.active)
         runtime.fused = True
 
@@ -355,7 +373,7 @@ class SepMELoaderMixin:
             raise SepMEStateError("nothing is fused; call pipe.fuse_sepme() first")
         self._refuse_fused_projections(runtime, "unfuse_sepme")
         changed = [p for p, checksum in runtime.fused_checksums.items()
-                   if _checksum(layer_weight(self.unet, p)) != checksum]
+                   if _checksum(layer_weight(denoiser(self), p)) != checksum]
         if changed:
             warnings.warn(
                 f"{len(changed)} fused layers changed since fuse_sepme (e.g. {changed[0]}, by fuse_lora / "
@@ -364,13 +382,14 @@ class SepMELoaderMixin:
                 f"was additive (LoRA fusing is); unfuse in the reverse order of fusing for bit-exact weights",
                 SepMEWarning, stacklevel=3)
         for layer_path, original in runtime.fused_originals.items():
-            weight = layer_weight(self.unet, layer_path)
+            weight = layer_weight(denoiser(self), layer_path)
             if layer_path not in changed:
                 weight.copy_(original)
                 continue
             delta = sum(runtime.erasers[n].delta(layer_path) for n in runtime.fused_names
                         if layer_path in runtime.erasers[n].weights)
-            weight.copy_((weight.float() - delta.to(weight.device)).to(weight.dtype))
+            wide = torch.promote_types(weight.dtype, torch.float32)
+            weight.copy_((weight.to(wide) - delta.to(weight.device, wide)).to(weight.dtype))
         runtime.fused_originals = {}
         runtime.fused_checksums = {}
         runtime.fused_names = []
@@ -393,19 +412,26 @@ def attach(pipe: Any) -> Any:
 
     Works for any pipeline with a `UNet2DConditionModel` (`unet`), CLIP text encoder(s) and `encode_prompt`:
     StableDiffusion, Img2Img and Inpaint of SD v1 and v2, and StableDiffusionXL, XL Img2Img and XL Inpaint
-    (and what `AutoPipelineFor*` returns for them). Nothing is patched globally.
+    (and what `AutoPipelineFor*` returns for them); and `FluxPipeline` / `StableDiffusion3Pipeline` (a
+    transformer whose text enters through `context_embedder`, see `mmdit.py`). Nothing is patched globally.
 
     Example:
         >>> pipe = sepme_adapter.attach(StableDiffusionPipeline.from_pretrained(MODEL))
     """
     has_encoder = any(getattr(pipe, a, None) is not None for a in ("text_encoder", "text_encoder_2"))
     has_tokenizer = any(getattr(pipe, a, None) is not None for a in ("tokenizer", "tokenizer_2"))
-    missing = [a for a in ("unet", "encode_prompt") if getattr(pipe, a, None) is None]
+    transformer = getattr(pipe, "transformer", None)
+    missing = [a for a in ("encode_prompt",) if getattr(pipe, a, None) is None]
+    missing += [] if getattr(pipe, "unet", None) is not None or transformer is not None else ["unet"]
     missing += [] if has_encoder else ["text_encoder"]
     missing += [] if has_tokenizer else ["tokenizer"]
     if missing:
         raise TypeError(f"{type(pipe).__name__} lacks {missing}; SepME needs a Stable Diffusion (v1, v2 or XL) "
-                        f"pipeline (UNet2DConditionModel + CLIP text encoder)")
+                        f"pipeline (UNet2DConditionModel + CLIP text encoder), or an SD3 or FLUX pipeline")
+    if transformer is not None and not is_transformer(transformer):
+        raise TypeError(f"{type(pipe).__name__}'s {type(transformer).__name__} has no `context_embedder` (the layer "
+                        f"the text enters in FLUX and SD3); SepME supports FluxTransformer2DModel and "
+                        f"SD3Transformer2DModel among transformers")
     if isinstance(pipe, SepMELoaderMixin):
         return pipe
     for name in _MIXIN_METHODS:
@@ -431,5 +457,24 @@ class SepMEStableDiffusionXLPipeline(SepMELoaderMixin, StableDiffusionXLPipeline
     """
 
 
-__all__ = ["SepMELoaderMixin", "SepMEStableDiffusionPipeline", "SepMEStableDiffusionXLPipeline", "SepMEWarning",
-           "attach", "erasure_runtime"]
+class SepMEFluxPipeline(SepMELoaderMixin, FluxPipeline):
+    """`FluxPipeline` with the SepME methods (the increments live on `context_embedder` and the pooled layer).
+
+    Example:
+        >>> pipe = SepMEFluxPipeline.from_pretrained(FLUX_MODEL)
+        >>> pipe.load_sepme("vangogh.safetensors")
+    """
+
+
+class SepMEStableDiffusion3Pipeline(SepMELoaderMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` with the SepME methods (the increments live on `context_embedder` and the
+    pooled layer).
+
+    Example:
+        >>> pipe = SepMEStableDiffusion3Pipeline.from_pretrained(SD3_MODEL)
+        >>> pipe.load_sepme("vangogh.safetensors")
+    """
+
+
+__all__ = ["SepMEFluxPipeline", "SepMELoaderMixin", "SepMEStableDiffusion3Pipeline", "SepMEStableDiffusionPipeline",
+           "SepMEStableDiffusionXLPipeline", "SepMEWarning", "attach", "erasure_runtime"]

@@ -6,7 +6,9 @@ The increments are applied where the paper puts them, on the projections themsel
 keeps working on top) carries a forward hook that adds the active erasers' increments to its
 output. So does the fused `to_kv` that `fuse_qkv_projections()` creates (both increments), and
 `to_q` / `to_out.0` when a dense eraser changes them, and SDXL's `add_embedding.linear_1` (the layer the
-pooled text embedding enters) while an eraser with a pooled increment is loaded.
+pooled text embedding enters) while an eraser with a pooled increment is loaded. On a FLUX / SD3 transformer
+(`mmdit.py`) the hooked layers are `context_embedder` (the per-token text enters there; a call with another
+number of text rows than the active erasers were made for is refused) and `time_text_embed.text_embedder.linear_1`.
 
 Attention processors are never replaced or wrapped: whatever diffusers installs (default, sliced,
 xFormers, fused, IP-Adapter) is diffusers' own object, so `unet.attn_processors`,
@@ -32,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .eraser import Eraser
-from .errors import ErasureNotAppliedError
-from .unet import POOLED_LAYER, base_linear, cross_attention_modules
+from .errors import ErasureNotAppliedError, SepMEStateError
+from .mmdit import CONTEXT_LAYER, POOLED_LAYERS, is_transformer, pooled_layer_path
+from .unet import base_linear, cross_attention_modules
 
 # A plan says which erasers apply to which batch rows: (adapter name, row indices or None = all).
 Plan = tuple[tuple[str, "torch.Tensor | None"], ...]
@@ -45,6 +48,11 @@ DENSE_ONLY_PROJECTIONS = ("to_q", "to_out.0")  # hooked while a loaded dense era
 def _compiling() -> bool:
     """True while torch.compile traces: no thread-local state, caches or checks, just the increments."""
     return torch.compiler.is_compiling()
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """float32 (float64 stays float64: a float64 eraser's `beta * w` is computed without rounding)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 def _same_input(cached: torch.Tensor, x: torch.Tensor) -> bool:
@@ -118,8 +126,11 @@ class ErasureRuntime:
     """
 
     def __init__(self, unet: nn.Module) -> None:
-        self.unet = unet
-        self.attention = cross_attention_modules(unet)
+        self.unet = unet  # the denoiser: a UNet, or a FLUX / SD3 transformer (`mmdit.py`)
+        self.transformer = is_transformer(unet)
+        # a transformer has no attn2: its text enters through context_embedder, hooked like a projection
+        self.attention = {} if self.transformer else cross_attention_modules(unet)
+        self.pooled_path = pooled_layer_path(unet)
         self.erasers: dict[str, Eraser] = {}
         self.trainable: set[str] = set()
         self.plan: Plan = ()
@@ -210,7 +221,10 @@ class ErasureRuntime:
             return
         wanted: dict[str, tuple[str, tuple[str, ...], nn.Module]] = {}
         if any(e.has_pooled for e in self.erasers.values()):
-            wanted[POOLED_LAYER] = ("add_embedding", (POOLED_LAYER,), self.unet.get_submodule(POOLED_LAYER))
+            pooled = self.pooled_path
+            wanted[pooled] = (pooled.split(".")[0], (pooled,), self.unet.get_submodule(pooled))
+        if self.transformer:
+            wanted[CONTEXT_LAYER] = (CONTEXT_LAYER, (CONTEXT_LAYER,), self.unet.get_submodule(CONTEXT_LAYER))
         for path, attn in self.attention.items():
             for proj in self._hooked_projections:
                 wanted[f"{path}.{proj}"] = (path, (f"{path}.{proj}",), attn.get_submodule(proj))
@@ -314,6 +328,8 @@ class ErasureRuntime:
         applied = self.applied()
         if applied is not None:
             applied.add(hook.attention_path)
+        if hook.layers == (CONTEXT_LAYER,) and not _compiling():
+            self.check_text_length(x, plan)
         deltas = [self.increment(x, layer, plan) for layer in hook.layers]
         if len(deltas) == 1:
             return None if deltas[0] is None else output + deltas[0].to(output.dtype)
@@ -322,6 +338,18 @@ class ErasureRuntime:
         half = output.shape[-1] // 2  # fused `to_kv`: [keys, values]
         parts = [torch.zeros_like(output[..., :half]) if d is None else d.to(output.dtype) for d in deltas]
         return output + torch.cat(parts, dim=-1)
+
+    def check_text_length(self, x: torch.Tensor, plan: Plan) -> None:
+        """FLUX / SD3: refuse text rows of another count than the erasers' bases were made for (T5 rows depend
+        on `max_sequence_length`, so the known prompts would not be exact at another length)."""
+        for name, _ in plan:
+            expected = self.erasers[name].metadata.get("text_length")
+            if expected is not None and x.ndim >= 2 and int(x.shape[-2]) != int(expected):
+                raise SepMEStateError(
+                    f"eraser {name!r} was made for {expected} text rows per prompt but the transformer got "
+                    f"{int(x.shape[-2])}: T5's rows depend on max_sequence_length, so the known prompts would not be "
+                    f"kept exact. Call the pipeline with the max_sequence_length the eraser was made with "
+                    f"(metadata['max_sequence_length'] = {self.erasers[name].metadata.get('max_sequence_length')})")
 
     # ---------------------------------------------------------------- math
     def layer_weight(self, name: str, layer_path: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -333,11 +361,11 @@ class ErasureRuntime:
         if name in self.trainable:
             return (eraser.beta * w).to(like.dtype)
         if _compiling():
-            return (eraser.beta * w.detach().float()).to(device=like.device, dtype=like.dtype)
+            return (eraser.beta * _wide(w.detach())).to(device=like.device, dtype=like.dtype)
         key = (name, layer_path, like.device, like.dtype)
         cached = self._cast_cache.get(key)
         if cached is None:
-            cached = (eraser.beta * w.detach().float()).to(device=like.device, dtype=like.dtype)
+            cached = (eraser.beta * _wide(w.detach())).to(device=like.device, dtype=like.dtype)
             self._cast_cache[key] = cached
         return cached
 
@@ -358,7 +386,7 @@ class ErasureRuntime:
         (dense), or `x @ (A S_p^T).T` (rank r; a trainable eraser reads `A` live on the cached `x @ S_p`).
         The pooled layer (SDXL) uses its own basis `S_pool` (one small product per UNet call, not cached)."""
         eraser = self.erasers[name]
-        pooled = layer_path == POOLED_LAYER
+        pooled = layer_path in POOLED_LAYERS
         if pooled and (not eraser.down or name in self.trainable):
             selected = x if rows is None else x.index_select(0, rows.to(x.device))
             projected = selected @ self.basis(name, x, layer_path)
@@ -372,7 +400,7 @@ class ErasureRuntime:
 
     def basis(self, name: str, like: torch.Tensor, layer_path: str | None = None) -> torch.Tensor:
         """The eraser's `S_p` (or, for the pooled layer, `S_pool`) in the activations' dtype and device (cached)."""
-        pooled = layer_path == POOLED_LAYER
+        pooled = layer_path in POOLED_LAYERS
         eraser = self.erasers[name]
         basis = eraser.pooled_basis if pooled else eraser.basis
         if _compiling():

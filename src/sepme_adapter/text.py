@@ -7,12 +7,19 @@ together with six "time ids" (original size, crop corner, target size). `encode_
 the per-token embeddings every `attn2` reads; `encode_prompts_pooled` also the pooled ones, and
 `added_cond_kwargs` builds what an SDXL UNet call needs besides them.
 
+FLUX and SD3 (`text_sequence_length`): the per-token embedding ends with T5 rows, as many as the pipeline's
+`max_sequence_length` (FLUX: T5 alone; SD3: CLIP-L and CLIP-G side by side, zero-padded to T5's width, then T5
+along the sequence). T5 attends without a mask, so every row depends on that length: an eraser is exact for the
+length its basis was made with (recorded as `metadata["text_length"]`, the number of rows), which is
+`min(the pipeline's default max_sequence_length, the T5 tokenizer's model_max_length)`.
+
 SDXL's unconditional branch: with `force_zeros_for_empty_prompt` (SDXL base's default) and no
 negative prompt the pipeline feeds zeros, not the blank prompt's embedding (`unconditional_embeddings`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,17 +41,64 @@ def uses_added_conditions(unet: Any) -> bool:
     return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of one `pipe.__call__` / `pipe.encode_prompt` argument (None where neither has it)."""
+    for method in (pipe.__call__, pipe.encode_prompt):
+        parameter = inspect.signature(method).parameters.get(name)
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return None
+
+
+def t5_tokenizer(pipe: Any) -> Any:
+    """The T5 tokenizer of a FLUX (`tokenizer_2`) or SD3 (`tokenizer_3`) pipeline, or None."""
+    if getattr(pipe, "tokenizer_3", None) is not None:
+        return pipe.tokenizer_3
+    if getattr(pipe, "transformer", None) is not None and getattr(pipe, "text_encoder_3", None) is None \
+            and "do_classifier_free_guidance" not in inspect.signature(pipe.encode_prompt).parameters:
+        return getattr(pipe, "tokenizer_2", None)  # FLUX: tokenizer_2 is T5's
+    return None
+
+
+def text_sequence_length(pipe: Any) -> int | None:
+    """The `max_sequence_length` SepME encodes FLUX / SD3 prompts with (and the pipeline must be called with):
+    the pipeline's default, capped by the T5 tokenizer's `model_max_length`. None for SD v1 / v2 / XL."""
+    default = _call_default(pipe, "max_sequence_length")
+    if default is None or getattr(pipe, "transformer", None) is None:
+        return None
+    tokenizer = t5_tokenizer(pipe)
+    limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    return int(min(default, limit)) if limit and limit < 100_000 else int(default)
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """On the CPU in float32, or float64 for a float64 pipeline (checks where round-off would decide)."""
+    return tensor.detach().to(device="cpu", dtype=torch.promote_types(tensor.dtype, torch.float32))
+
+
 @torch.no_grad()
 def encode_prompts_pooled(pipe: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token embeddings `c` (`n x L x d_in`) and the pooled embeddings (`n x d_pool`; None for SD v1 / v2),
-    float32 on the CPU, exactly as the pipeline's `encode_prompt` computes them for conditional prompts."""
+    float32 (a float64 pipeline's: float64) on the CPU, exactly as the pipeline's `encode_prompt` computes them for conditional prompts
+    (FLUX / SD3: at `text_sequence_length(pipe)` T5 tokens)."""
     prompts = list(prompts)
     if not prompts:
         return torch.empty(0), None
+    parameters = inspect.signature(pipe.encode_prompt).parameters
+    extra: dict[str, Any] = {}
+    length = text_sequence_length(pipe)
+    if length is not None:
+        extra["max_sequence_length"] = length
+    if "do_classifier_free_guidance" not in parameters:  # FLUX: (embeds, pooled, text ids)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=_text_device(pipe),
+                                               num_images_per_prompt=1, **extra)
+        return _wide(embeds), _wide(pooled)
+    if "prompt_3" in parameters:  # SD3: prompt_2 / prompt_3 default to the prompt
+        extra.update(prompt_2=None, prompt_3=None)
     encoded = pipe.encode_prompt(prompt=prompts, device=_text_device(pipe), num_images_per_prompt=1,
-                                 do_classifier_free_guidance=False)
+                                 do_classifier_free_guidance=False, **extra)
     pooled = encoded[2] if len(encoded) >= 4 and encoded[2] is not None else None
-    return encoded[0].detach().float().cpu(), None if pooled is None else pooled.detach().float().cpu()
+    return _wide(encoded[0]), None if pooled is None else _wide(pooled)
 
 
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> torch.Tensor:
@@ -85,7 +139,7 @@ def added_cond_kwargs(pipe: Any, pooled: torch.Tensor | None, like: torch.Tensor
     have these pooled embeddings: `{"added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}` (the default
     size's time ids on every row); `{}` for a UNet without added conditions or when `pooled` is None.
     `like`: a tensor whose device and dtype they take (default: the UNet's)."""
-    if pooled is None or not uses_added_conditions(pipe.unet):
+    if pooled is None or getattr(pipe, "unet", None) is None or not uses_added_conditions(pipe.unet):
         return {}
     return added_conditions(pooled, default_time_ids(pipe), pipe.unet.dtype if like is None else like.dtype,
                             pipe.unet.device if like is None else like.device)
@@ -104,7 +158,8 @@ def added_conditions(pooled: torch.Tensor | None, time_ids: torch.Tensor | None,
 def overlong_prompts(pipe: Any, prompts: Sequence[str]) -> list[tuple[str, int, int]]:
     """`(prompt, tokens, limit)` for every prompt longer than a tokenizer of the pipeline accepts (counting the
     start and end tokens): the text encoder would see only its truncation."""
-    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+    tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None))
+                  if t is not None and t is not t5_tokenizer(pipe)]  # T5 (FLUX, SD3): its own length, see above
     found = []
     for prompt in dict.fromkeys(prompts):
         for tokenizer in tokenizers:

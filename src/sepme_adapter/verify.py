@@ -14,8 +14,9 @@ from typing import Any
 
 from .certificate import collateral_certificate, leakage_certificate
 from .eraser import Eraser
+from .mmdit import POOLED_LAYERS, denoiser
 from .text import encode_prompts
-from .unet import POOLED_LAYER, base_linear
+from .unet import base_linear
 
 LEAK_TOLERANCE = 1e-4  # relative to the increment's effect on the concept's own prompt
 # Below this relative change of the concept's keys / values an eraser "does nothing": half-precision
@@ -55,8 +56,8 @@ def verify_eraser(pipe: Any, eraser: Eraser, min_effect: float = MIN_EFFECT,
     change_sq, original_sq = 0.0, 0.0
     for layer in eraser.weights:
         delta = eraser.delta(layer).double()
-        weight = base_linear(pipe.unet.get_submodule(layer)).weight.detach().double().cpu()
-        if layer == POOLED_LAYER or delta.shape[1] != concept.shape[-1]:  # not per-token text (to_q, pooled)
+        weight = base_linear(denoiser(pipe).get_submodule(layer)).weight.detach().double().cpu()
+        if layer in POOLED_LAYERS or delta.shape[1] != concept.shape[-1]:  # not per-token text (to_q, pooled)
             layers[layer] = {"increment_norm": float(delta.norm())}
             continue
         effect = float((concept @ delta.T).norm())
@@ -117,12 +118,12 @@ def verify_fused(base: Any, fused: Any, erasers: Sequence[Eraser], rtol: float =
     """Does a saved model equal base + sum of the increments (to_k / to_v / dense layers)?"""
     worst, layers = 0.0, {}
     for layer in sorted({layer for e in erasers for layer in e.weights}):
-        expected = base_linear(base.unet.get_submodule(layer)).weight.detach().double().cpu()
+        expected = base_linear(denoiser(base).get_submodule(layer)).weight.detach().double().cpu()
         for eraser in erasers:
             if layer in eraser.weights:
                 expected = expected + eraser.delta(layer).double()
-        actual = base_linear(fused.unet.get_submodule(layer)).weight.detach().double().cpu()
-        change = (expected - base_linear(base.unet.get_submodule(layer)).weight.detach().double().cpu()).norm()
+        actual = base_linear(denoiser(fused).get_submodule(layer)).weight.detach().double().cpu()
+        change = (expected - base_linear(denoiser(base).get_submodule(layer)).weight.detach().double().cpu()).norm()
         error = float((actual - expected).norm() / max(float(change), 1e-30))
         layers[layer] = error
         worst = max(worst, error)

@@ -39,8 +39,16 @@ from ..basis import null_space_basis, pooled_basis
 from ..eraser import Eraser
 from ..fingerprint import fingerprint
 from ..loader import SepMEWarning, attach
-from ..text import encode_prompts_pooled
-from ..unet import POOLED_LAYER, cross_attention_modules, pooled_layer
+from ..mmdit import (
+    CONTEXT_LAYER,
+    context_layer,
+    denoiser,
+    is_transformer,
+    pooled_layer_path,
+    transformer_pooled_layer,
+)
+from ..text import encode_prompts_pooled, text_sequence_length
+from ..unet import cross_attention_modules, pooled_layer
 from .random_pipelines import tiny_pipeline
 
 STATES = ("idle", "active")
@@ -58,32 +66,44 @@ class ConformanceError(AssertionError):
 
 
 def random_eraser(pipe: Any, name: str, concepts: dict[str, str] = CONCEPTS, protected: Sequence[str] = ("watermark",),
-                  seed: int = 0, scale: float = 2000.0, pooled: bool = False) -> Eraser:
+                  seed: int = 0, scale: float = 2000.0, pooled: bool = False, dtype: torch.dtype = torch.float32
+                  ) -> Eraser:
     """A separable eraser with random `w` on the pipeline's real null space (as training would make).
 
     The blank prompt, `protected` and every other concept of `concepts` are in its known set, so their
     keys and values stay exact; `scale * beta` sets how strongly it changes its own concept. `pooled`
-    (SDXL): also a random pooled increment on `add_embedding.linear_1`, on the pooled null space.
+    (SDXL, SD3, FLUX): also a random pooled increment on `add_embedding.linear_1` (the transformers:
+    `time_text_embed.text_embedder.linear_1`), on the pooled null space. On FLUX / SD3 the increment is on
+    `context_embedder` (`mmdit.py`). `dtype=torch.float64`: basis and `w` in float64, for a float64 pipeline
+    (checks where the float32 basis's own round-off would decide).
     """
     known = {n: p for n, p in concepts.items() if n != name}
     texts, pooled_texts = encode_prompts_pooled(pipe, ["", *known.values(), *protected])
-    basis = null_space_basis(list(texts))
+    basis = null_space_basis(list(texts), dtype=dtype)
     generator = torch.Generator().manual_seed(seed)
     weights = {}
-    for path, module in sorted(cross_attention_modules(pipe.unet).items()):
-        for proj in ("to_k", "to_v"):
-            d_out = getattr(module, proj).weight.shape[0]
-            weights[f"{path}.{proj}"] = torch.randn(d_out, basis.shape[1], generator=generator) * scale
+    model = denoiser(pipe)
+    metadata: dict[str, Any] = {"base_model": "tiny-random", "fingerprint": fingerprint(pipe)}
+    if is_transformer(model):  # FLUX / SD3: the context rows
+        weights[CONTEXT_LAYER] = torch.randn(context_layer(model).out_features, basis.shape[1],
+                                             generator=generator, dtype=dtype) * scale
+        metadata |= {"text_length": int(texts.shape[1]), "max_sequence_length": text_sequence_length(pipe),
+                     "pipeline": type(pipe).__name__}
+    else:
+        for path, module in sorted(cross_attention_modules(pipe.unet).items()):
+            for proj in ("to_k", "to_v"):
+                d_out = getattr(module, proj).weight.shape[0]
+                weights[f"{path}.{proj}"] = torch.randn(d_out, basis.shape[1], generator=generator, dtype=dtype) * scale
     extra = None
     if pooled:
-        layer = pooled_layer(pipe.unet)
+        layer = transformer_pooled_layer(model) if is_transformer(model) else pooled_layer(model)
         if layer is None or pooled_texts is None:
-            raise ValueError("pooled=True needs an SDXL pipeline (a UNet with add_embedding)")
-        extra = pooled_basis([pooled_texts], layer.in_features)
-        weights[POOLED_LAYER] = torch.randn(layer.out_features, extra.shape[1], generator=generator) * scale
+            raise ValueError("pooled=True needs an SDXL, SD3 or FLUX pipeline (a pooled text embedding)")
+        extra = pooled_basis([pooled_texts], layer.in_features, dtype=dtype)
+        weights[pooled_layer_path(model)] = torch.randn(layer.out_features, extra.shape[1], generator=generator,
+                                                        dtype=dtype) * scale
     return Eraser(name=name, prompt=concepts[name], basis=basis, weights=weights, beta=1e-4, known=known,
-                  protected=list(protected), metadata={"base_model": "tiny-random", "fingerprint": fingerprint(pipe)},
-                  pooled_basis=extra)
+                  protected=list(protected), metadata=metadata, pooled_basis=extra)
 
 
 def random_erasers(pipe: Any) -> list[Eraser]:

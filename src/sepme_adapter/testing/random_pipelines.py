@@ -1,12 +1,17 @@
-"""Small Stable Diffusion (v1 / v2 / XL) pipelines with random weights, for tests, benchmarks and examples.
+"""Small Stable Diffusion (v1 / v2 / XL), SD3 and FLUX pipelines with random weights, for tests, benchmarks and
+examples.
 
 Real architectures (diffusers `UNet2DConditionModel`, `AutoencoderKL`, transformers
 `CLIPTextModel`), shrunk; the text width to token count ratio stays near SD's 768 / 77 so the
-null-space budget behaves as on SD. `sd15_unet_config()` is SD v1.5's UNet, for benchmarks.
+null-space budget behaves as on SD. `sd15_unet_config()` is SD v1.5's UNet, for benchmarks. The FLUX and SD3
+pipelines (`tiny_flux_pipeline`, `tiny_sd3_pipeline`) have a random `T5EncoderModel` with a word-level
+`T5Tokenizer` built offline (`t5_word_tokenizer`), and a T5 length of `max_length` tokens (call them with
+`max_sequence_length=max_length`, as `text.text_sequence_length` encodes them).
 """
 
 from __future__ import annotations
 
+import string
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +22,23 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 from .tokenizer import write_word_tokenizer
 
@@ -176,6 +193,114 @@ def tiny_sdxl_pipeline(
         tokenizer_2=tokenizer, unet=tiny_sdxl_unet(sum(text_widths), text_widths[1], seed + 2),
         scheduler=noise_scheduler, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
         add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def t5_word_tokenizer(words: Sequence[str], max_length: int) -> T5Tokenizer:
+    """A word-level `T5Tokenizer` (a unigram model, built in memory: no download): each of `words` is one token,
+    anything else falls back to characters; `</s>` ends every prompt and `<pad>` pads, as T5's."""
+    chars = string.ascii_lowercase + string.digits + ".,'-!?"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [(f"\u2581{w}", -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    vocab += [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, width: int) -> T5EncoderModel:
+    """A 2-layer random `T5EncoderModel` for `tokenizer`, `width` wide, in eval mode (no dropout, as loaded)."""
+    return T5EncoderModel(T5Config(dropout_rate=0.0,
+        vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )).eval()
+
+
+def _flow_vae(latent_channels: int) -> AutoencoderKL:
+    """A one-level `AutoencoderKL` without quant convs, as FLUX's and SD3's (scale factor 1: 16x16 images)."""
+    return AutoencoderKL(
+        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+
+
+def tiny_flux_pipeline(
+    text_width: int = 64,
+    clip_width: int = 32,
+    max_length: int = 8,
+    seed: int = 0,
+    words: Sequence[str] = DEFAULT_WORDS,
+    guidance_embeds: bool = False,
+) -> FluxPipeline:
+    """A random-weight `FluxPipeline` (16x16 images; call it with `height=16, width=16,
+    max_sequence_length=max_length`).
+
+    FLUX's layout: a `CLIPTextModel` (`clip_width`; its pooled output enters `time_text_embed`) and a
+    `T5EncoderModel` (`text_width`; its rows enter `context_embedder`), a `FluxTransformer2DModel` with one
+    double-stream and one single-stream block. `guidance_embeds=True`: FLUX.1-dev's guidance embedding.
+    """
+    tokenizer = word_tokenizer(words, max_length)
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder(CLIPTextModel, tokenizer, clip_width, max_length)
+    tokenizer_2 = t5_word_tokenizer(words, max_length)
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = _t5_encoder(tokenizer_2, text_width)
+    torch.manual_seed(seed + 1)
+    vae = _flow_vae(latent_channels=1)
+    torch.manual_seed(seed + 2)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=text_width, pooled_projection_dim=clip_width, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=guidance_embeds,
+    )
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd3_pipeline(
+    text_width: int = 96,
+    clip_widths: tuple[int, int] = (16, 16),
+    max_length: int = 8,
+    seed: int = 0,
+    words: Sequence[str] = DEFAULT_WORDS,
+) -> StableDiffusion3Pipeline:
+    """A random-weight `StableDiffusion3Pipeline` (16x16 images; call it with `height=16, width=16,
+    max_sequence_length=max_length`).
+
+    SD3's layout: two `CLIPTextModelWithProjection` (`clip_widths`; their penultimate states side by side,
+    zero-padded to `text_width`, then the T5 rows along the sequence enter `context_embedder`; their projected
+    outputs side by side are the pooled embedding) and a `T5EncoderModel` (`text_width`), an
+    `SD3Transformer2DModel` with one joint block. `text_width` must be at least `sum(clip_widths)`.
+    """
+    if text_width < sum(clip_widths):
+        raise ValueError(f"text_width ({text_width}) must be at least the CLIP widths side by side ({sum(clip_widths)})")
+    tokenizer = word_tokenizer(words, max_length)
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder(CLIPTextModelWithProjection, tokenizer, clip_widths[0], max_length,
+                                 projection_dim=clip_widths[0])
+    torch.manual_seed(seed + 4)
+    text_encoder_2 = _text_encoder(CLIPTextModelWithProjection, tokenizer, clip_widths[1], max_length,
+                                   projection_dim=clip_widths[1])
+    tokenizer_3 = t5_word_tokenizer(words, max_length)
+    torch.manual_seed(seed + 3)
+    text_encoder_3 = _t5_encoder(tokenizer_3, text_width)
+    torch.manual_seed(seed + 1)
+    vae = _flow_vae(latent_channels=4)
+    torch.manual_seed(seed + 2)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=text_width, pooled_projection_dim=sum(clip_widths),
+        out_channels=4,
+    )
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+        transformer=transformer,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

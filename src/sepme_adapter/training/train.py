@@ -422,6 +422,11 @@ def train_erasers(
         >>> erasers = train_erasers(pipe, ["vangogh=a painting by van gogh", "picasso=a painting by picasso"])
         >>> for e in erasers: e.save(f"{e.name}.safetensors")
     """
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        raise TrainingError(
+            f"training is not available for {type(pipe).__name__} yet: sepme-adapter trains erasers for Stable "
+            f"Diffusion v1 / v2 / XL UNets. FLUX and SD3 pipelines can load, toggle, fuse, verify and export "
+            f"erasers (see README, 'FLUX and SD3'), but the flow-matching training objective is not implemented")
     config = config or TrainConfig()
     config.validate()
     concepts, known, protected = prepare_concepts(concepts, known, protected)
