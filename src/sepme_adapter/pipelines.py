@@ -1,4 +1,5 @@
-"""Opening a Stable Diffusion (v1, v2 or XL) pipeline (a local folder or a Hub id) with the SepME methods attached."""
+"""Opening a Stable Diffusion (v1, v2, XL), SD3 or FLUX pipeline (a local folder or a Hub id) with the SepME
+methods attached."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from .loader import attach
 
 DTYPES = ("float32", "float16", "bfloat16")
+# `model_index.json` class names opened with `DiffusionPipeline.from_pretrained` (their own class), not as SD v1 / v2
+OWN_CLASS_PREFIXES = ("StableDiffusionXL", "StableDiffusion3", "Flux")
 
 
 def pipeline_class_name(model: str) -> str | None:
@@ -39,10 +42,11 @@ def check_model_location(model: str) -> None:
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str | None = None) -> Any:
-    """Open a Stable Diffusion model (a local folder or a Hub id) with the SepME methods attached.
+    """Open a Stable Diffusion, SD3 or FLUX model (a local folder or a Hub id) with the SepME methods attached.
 
     SD v1 / v2 models open as `StableDiffusionPipeline` (no safety checker); a model whose `model_index.json`
-    names an SDXL pipeline (`StableDiffusionXL*`) opens as that class (`DiffusionPipeline.from_pretrained`).
+    names an SDXL, SD3 or FLUX pipeline (`StableDiffusionXL*`, `StableDiffusion3*`, `Flux*`) opens as that class
+    (`DiffusionPipeline.from_pretrained`).
     `dtype`: "float32", "float16" or "bfloat16" (default float32 on CPU, float16 on CUDA).
     """
     from diffusers import DiffusionPipeline, StableDiffusionPipeline
@@ -54,7 +58,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
     with warnings.catch_warnings():  # diffusers >= 0.36 renames torch_dtype to dtype; older ones know only torch_dtype
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-        if (pipeline_class_name(model) or "").startswith("StableDiffusionXL"):
+        if (pipeline_class_name(model) or "").startswith(OWN_CLASS_PREFIXES):
             pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype))
         else:
             pipe = StableDiffusionPipeline.from_pretrained(

@@ -238,6 +238,10 @@ def train_baseline(
         raise TrainingError(f"method must be one of {METHODS}, got {method!r}")
     config = config or BaselineConfig()
     config.validate()
+    if getattr(pipe, "unet", None) is None:
+        raise TrainingError(f"the baselines ({', '.join(METHODS)}) train dense UNet increments; "
+                            f"{type(pipe).__name__} has no UNet. FLUX / SD3 train SepME erasers only "
+                            f"(train_erasers, sepme erase --method sepme)")
     concepts, known, protected = prepare_concepts(concepts, known, protected)
     anchor = _check_anchor(method, anchor, concepts)
     if shard is not None and not 0 <= shard[0] < shard[1]:

@@ -21,7 +21,8 @@ import torch
 
 from ..eraser import Eraser
 from ..errors import TrainingError
-from ..unet import POOLED_LAYER, layer_weight
+from ..mmdit import POOLED_LAYERS
+from ..unet import layer_weight
 from .config import TrainConfig
 
 MIN_REACH = 1e-6  # ||c S_p|| / ||c|| below this: the concept has nothing left in its basis
@@ -56,7 +57,7 @@ def parameter_groups(unet: Any, eraser: Eraser, embeddings: torch.Tensor, config
     fixed = config.lr if eraser.separable else config.gcirs_lr
     groups = []
     for layer, w in eraser.weights.items():
-        if layer == POOLED_LAYER:
+        if layer in POOLED_LAYERS:
             continue  # solved in closed form (training/pooled.py), fixed
         params = [w, eraser.down[layer]] if layer in eraser.down else [w]
         lr = fixed if fixed is not None else layer_learning_rate(

@@ -60,7 +60,11 @@ class TrainConfig:
         images_per_concept: reference images `x_0` generated per concept prompt.
         reference_steps: sampler steps used to generate reference images.
         guidance_scale: classifier-free guidance for the reference images.
-        ddim_steps: timesteps are drawn as one of these DDIM steps, then a DDPM t inside it.
+        ddim_steps: timesteps are drawn as one of these DDIM steps, then a DDPM t inside it (FLUX / SD3: one of
+            this many equal strata of the flow-matching noise level sigma, then a sigma inside it, shifted as the
+            pipeline's scheduler shifts its sigmas).
+        resolution: FLUX / SD3: the image size of the reference images and training latents (None: the
+            pipeline's default, FLUX.1's 1024); refused on SD, whose size is the UNet's.
         rtol: rank tolerance of the null-space basis (None: float32 round-off).
         max_leakage: the basis (`basis.choose_basis`): None = the exact null space while it keeps >= 1/8 of
             the text width, else the compact basis at the tightest of 1e-3 / 3e-3 / 1e-2 that leaves the
@@ -123,7 +127,11 @@ class TrainConfig:
                                    "image")
     guidance_scale: float = setting(7.5, "--guidance-scale", "classifier-free guidance of the reference "
                                     "images")
-    ddim_steps: int = setting(50, "--ddim-steps", "training timesteps are drawn from this many DDIM steps")
+    ddim_steps: int = setting(50, "--ddim-steps", "training timesteps are drawn from this many DDIM steps (FLUX / "
+                              "SD3: flow-matching noise levels from this many equal strata)")
+    resolution: int | None = setting(None, "--resolution", "FLUX / SD3: the size in pixels of the reference images "
+                                     "and training latents; default: the pipeline's default size (SD: always the "
+                                     "UNet's)")
     rtol: float | None = setting(None, "--basis-tolerance", "relative singular-value cut-off of the "
                                  "null-space basis; default: float32 round-off")
     max_leakage: float | None = setting(None, "--max-leakage", "largest share of each excluded prompt's "
@@ -199,7 +207,7 @@ class TrainConfig:
         if self.stop_on not in STOP_STATISTICS:
             raise TrainingError(f"TrainConfig.stop_on must be one of {STOP_STATISTICS}, got {self.stop_on!r}")
         check_numbers(self, positive=("lr", "eta", "gcirs_lr", "beta", "max_iterations", "images_per_concept",
-                                      "reference_steps", "ddim_steps", "checkpoint_every", "patience",
+                                      "reference_steps", "ddim_steps", "checkpoint_every", "patience", "resolution",
                                       "basis_dimensions", "probe_every", "probe_size", "max_collateral"),
                       non_negative=("lam", "warmup", "guidance_scale", "concepts_per_pass", "containment",
                                     "negative_guidance", "retain_vocabulary", "retain_stems", "name_contexts", "context_share",

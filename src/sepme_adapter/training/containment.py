@@ -20,8 +20,8 @@ import torch
 
 from ..basis import energy_gram, stack_embeddings
 from ..eraser import Eraser
-from ..text import added_conditions
-from ..unet import POOLED_LAYER, layer_weight
+from ..mmdit import POOLED_LAYERS, TEXT_LAYERS
+from ..unet import layer_weight
 from .harness import compute_dtype, noisy_latents
 from .objective import relative_correlation
 
@@ -33,8 +33,9 @@ def effective_w(eraser: Eraser, layer: str) -> torch.Tensor:
 
 
 def text_layers(eraser: Eraser) -> list[str]:
-    """The layers whose increment reads text through the basis (`to_k` / `to_v`; not SDXL's pooled layer)."""
-    return [layer for layer in eraser.weights if layer != POOLED_LAYER and layer.endswith(("to_k", "to_v"))]
+    """The layers whose increment reads per-token text through the basis (`attn2.to_k` / `to_v`; FLUX / SD3:
+    `context_embedder`; not the pooled layers)."""
+    return [layer for layer in eraser.weights if layer not in POOLED_LAYERS and layer.endswith(TEXT_LAYERS)]
 
 
 @dataclass
@@ -97,27 +98,27 @@ class CollateralMeter:
 @dataclass
 class Probes:
     """A fixed probe set for one concept: `x_t`, `t`, text rows and the frozen model's `D(c, theta)` and
-    `eps(theta, x_t, c_0)`, drawn once from the seed (module docstring)."""
+    `eps(theta, x_t, c_0)`, drawn once from the seed (module docstring). `call`: the denoiser call
+    (`denoise.py`; its `schedule` noises the latents)."""
 
     x_t: torch.Tensor
     timesteps: torch.Tensor
     text: torch.Tensor
     eps_blank: torch.Tensor
     original: torch.Tensor
-    added: dict  # SDXL's added conditions of the concept rows ({} for SD v1 / v2)
+    pooled: torch.Tensor | None  # the pooled text of the concept rows (None for SD v1 / v2)
 
     @classmethod
     @torch.no_grad()
-    def draw(cls, unet: Any, runtime: Any, latents: torch.Tensor, embedding: torch.Tensor, blank: torch.Tensor,
-             alphas_cumprod: torch.Tensor, ddim_steps: int, size: int, seed: int,
-             pooled: torch.Tensor | None = None, blank_pooled: torch.Tensor | None = None,
-             time_ids: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> Probes:
+    def draw(cls, call: Any, runtime: Any, latents: torch.Tensor, embedding: torch.Tensor, blank: torch.Tensor,
+             ddim_steps: int, size: int, seed: int, pooled: torch.Tensor | None = None,
+             blank_pooled: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> Probes:
         """`size` probes of the concept's reference latents (each paired with its prompt's `embedding` row and,
-        on SDXL, its `pooled` row), from a generator seeded with `seed` alone; with `contexts`, every other probe
-        pairs its latent with the name said in a random context instead."""
+        on SDXL / FLUX / SD3, its `pooled` row), from a generator seeded with `seed` alone; with `contexts`, every
+        other probe pairs its latent with the name said in a random context instead."""
         generator = torch.Generator().manual_seed(seed)
-        device, dtype = unet.device, unet.dtype
-        samples = [noisy_latents(latents, generator, alphas_cumprod, ddim_steps, device) for _ in range(size)]
+        device, dtype = call.model.device, call.model.dtype
+        samples = [noisy_latents(latents, generator, call.schedule, ddim_steps, device) for _ in range(size)]
         x_t = torch.cat([s[0] for s in samples]).to(dtype)
         timesteps = torch.tensor([s[1] for s in samples], device=device)
         rows = [embedding[s[2]] for s in samples]
@@ -127,20 +128,18 @@ class Probes:
         text = torch.stack(rows).to(device=device, dtype=dtype)
         blank = blank.to(device=device, dtype=dtype).expand(size, -1, -1)
         rows = both = None
-        if pooled is not None and blank_pooled is not None and time_ids is not None:
+        if pooled is not None and blank_pooled is not None:
             rows = torch.stack([pooled[s[2]] for s in samples]).to(device=device, dtype=dtype)
             both = torch.cat([rows, blank_pooled.to(device=device, dtype=dtype).expand(size, -1)])
         with runtime.per_row([None] * (2 * size)):
-            eps = unet(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([text, blank]),
-                       **added_conditions(both, time_ids, dtype, device)).sample
+            eps = call(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([text, blank]), both)
         eps_concept, eps_blank = eps.to(compute_dtype(dtype)).chunk(2)
-        return cls(x_t, timesteps, text, eps_blank, eps_concept - eps_blank,
-                   added_conditions(rows, time_ids, dtype, device))
+        return cls(x_t, timesteps, text, eps_blank, eps_concept - eps_blank, rows)
 
     @torch.no_grad()
-    def rho(self, unet: Any, runtime: Any, name: str) -> float:
+    def rho(self, call: Any, runtime: Any, name: str) -> float:
         """The relative correlation of `D(c, theta + dW)` with `D(c, theta)` over all probes together."""
         with runtime.per_row([name] * len(self.x_t)):
-            edited = unet(self.x_t, self.timesteps, self.text, **self.added).sample.to(self.original.dtype)
+            edited = call(self.x_t, self.timesteps, self.text, self.pooled).to(self.original.dtype)
         direction = (edited - self.eps_blank).flatten().unsqueeze(0)
         return float(relative_correlation(self.original.flatten().unsqueeze(0), direction)[0])

@@ -1,8 +1,9 @@
 """What every trainer of increments shares (SepME, G-CiRs and the baselines in `baselines/`).
 
-One UNet serves as the frozen model (no eraser active) and the edited model (trainable erasers
-read live by the processor), so training needs: the model's weights frozen, zero-initialised
-increments, noisy reference latents `x_t`, and the base model recorded in each eraser.
+One denoiser (a UNet, or a FLUX / SD3 transformer) serves as the frozen model (no eraser active) and the
+edited model (trainable erasers read live by the hooks), so training needs: the model's weights frozen,
+zero-initialised increments, noisy reference latents `x_t` (DDPM's, or flow matching's through a
+`denoise.FlowSchedule`), and the base model recorded in each eraser.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from diffusers import DDPMScheduler
 from ..errors import TrainingError
 from ..fingerprint import fingerprint
 from ..loader import attach, erasure_runtime
+from ..mmdit import denoiser, is_transformer
 from ..runtime import ErasureRuntime
+from ..text import text_sequence_length
 from ..unet import layer_weight
 
 
@@ -44,11 +47,19 @@ def base_model_metadata(pipe: Any, runtime: ErasureRuntime) -> dict[str, Any]:
     return {"base_model": name, "pipeline": type(pipe).__name__, "fingerprint": fingerprint(pipe, runtime.fused_originals)}
 
 
+def text_length_metadata(pipe: Any, rows: int) -> dict[str, Any]:
+    """FLUX / SD3: the text rows per prompt the bases were made with and the `max_sequence_length` that gives
+    them (the runtime refuses other lengths, `runtime.check_text_length`); `{}` for a UNet."""
+    if not is_transformer(denoiser(pipe)):
+        return {}
+    return {"text_length": int(rows), "max_sequence_length": text_sequence_length(pipe)}
+
+
 @contextmanager
 def frozen_model(pipe: Any) -> Iterator[None]:
     """Freeze every model weight (only the increments learn); restore the flags afterwards."""
-    modules = [m for m in (pipe.unet, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.vae)
-               if m is not None]
+    modules = [m for m in (denoiser(pipe), pipe.text_encoder, getattr(pipe, "text_encoder_2", None),
+                           getattr(pipe, "text_encoder_3", None), pipe.vae) if m is not None]
     flags = [[p.requires_grad for p in m.parameters()] for m in modules]
     for module in modules:
         module.requires_grad_(False)
@@ -64,7 +75,7 @@ def zero_weights(pipe: Any, layers: Sequence[str], columns: int | None) -> dict[
     """Trainable `w`s initialised to zero (Eq. 10): `d_out x m`, or `d_out x d_in` for dense increments."""
     weights = {}
     for layer in layers:
-        weight = layer_weight(pipe.unet, layer)
+        weight = layer_weight(denoiser(pipe), layer)
         shape = (weight.shape[0], columns if columns is not None else weight.shape[1])
         dtype = compute_dtype(weight.dtype)
         weights[layer] = torch.nn.Parameter(torch.zeros(shape, device=weight.device, dtype=dtype))
@@ -76,11 +87,15 @@ def noise_schedule(pipe: Any) -> torch.Tensor:
     return DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod
 
 
-def noisy_latents(latents: torch.Tensor, generator: torch.Generator, alphas_cumprod: torch.Tensor,
-                  ddim_steps: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+def noisy_latents(latents: torch.Tensor, generator: torch.Generator, alphas_cumprod: Any,
+                  ddim_steps: int, device: torch.device) -> tuple[torch.Tensor, Any, int]:
     """`x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps` for one random reference image and timestep.
 
-    Returns `x_t`, `t` and the index of the reference image used."""
+    Returns `x_t`, `t` and the index of the reference image used. A flow-matching schedule
+    (`denoise.FlowSchedule`, FLUX / SD3) in place of `alphas_cumprod` draws `x_t = (1 - sigma) x_0 + sigma eps`
+    and returns sigma as `t`."""
+    if hasattr(alphas_cumprod, "noisy"):
+        return alphas_cumprod.noisy(latents, generator, ddim_steps, device)
     index = int(torch.randint(len(latents), (1,), generator=generator))
     total = len(alphas_cumprod)
     step = int(torch.randint(ddim_steps, (1,), generator=generator))  # one of the DDIM steps ...

@@ -19,11 +19,11 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..loader import erasure_runtime
-from ..text import default_time_ids, uses_added_conditions
 from .checkpoints import save_checkpoint
 from .config import TrainConfig
 from .containment import Probes
-from .harness import gradients_finite, noise_schedule
+from .denoise import denoiser_call
+from .harness import gradients_finite
 from .steps import StepResult, decoupled_step, dense_step, sample_batch
 from .track import ConceptTrack
 
@@ -71,14 +71,14 @@ def apply_step(result: StepResult, dense: bool, config: TrainConfig) -> None:
         owner.optimizer.step()
 
 
-def probe_check(unet: Any, runtime: Any, track: ConceptTrack, config: TrainConfig) -> None:
+def probe_check(call: Any, runtime: Any, track: ConceptTrack, config: TrainConfig) -> None:
     """The probe stop, every `probe_every` iterations after warm-up (`training/containment.py`): stop once the
     probes' rho is at or below `erase_to`; if the held-out collateral passed `max_collateral`, return to the
     increments of the last check and stop there."""
     steps = track.stop.steps
     if track.probes is None or steps <= config.warmup or steps % config.probe_every:
         return
-    rho = track.probes.rho(unet, runtime, track.concept.name)
+    rho = track.probes.rho(call, runtime, track.concept.name)
     collateral = track.collateral.summary(track.eraser) if track.collateral is not None else None
     track.probe_history.append({"step": steps, "rho": rho, **({} if collateral is None else {
         "collateral_median": collateral["median"], "collateral_max": collateral["max"]})})
@@ -120,37 +120,37 @@ def progress_text(track: ConceptTrack, config: TrainConfig) -> str:
 
 def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainConfig, blank: torch.Tensor,
              checkpoint_dir: Path | None, progress: bool, description: str,
-             blank_pooled: torch.Tensor | None = None) -> None:
+             blank_pooled: torch.Tensor | None = None, resolution: int | None = None) -> None:
     """Run Alg. 1 (`dense=True`) or Alg. 2 (weight-decoupled) on the given concepts together until each stops.
 
     `blank_pooled`: the pooled embedding of `blank` for an SDXL UNet (every call gets the pipeline's default
-    time ids too); None for SD v1 / v2."""
-    unet, runtime = pipe.unet, erasure_runtime(pipe, create=True)
-    time_ids = default_time_ids(pipe) if blank_pooled is not None and uses_added_conditions(unet) else None
-    alphas_cumprod = noise_schedule(pipe)
-    blank = blank.to(device=unet.device, dtype=unet.dtype)
+    time ids too) or a FLUX / SD3 transformer; None for SD v1 / v2. `resolution`: FLUX / SD3's training image
+    size (the denoiser call, `denoise.py`)."""
+    runtime = erasure_runtime(pipe, create=True)
+    call = denoiser_call(pipe, resolution, config.guidance_scale, blank_pooled is not None)
+    blank = blank.to(device=call.model.device, dtype=call.model.dtype)
     checkpoints = Checkpoints(checkpoint_dir, tracks, "dense" if dense else "wd", config)
     bar = tqdm(total=config.max_iterations, desc=description, disable=not progress, leave=False,
                initial=max(t.stop.steps for t in tracks))
     if config.stop == "probe" and not dense:
         for track in tracks:
             if track.probes is None:
-                track.probes = Probes.draw(unet, runtime, track.latents, track.embedding, blank, alphas_cumprod,
+                track.probes = Probes.draw(call, runtime, track.latents, track.embedding, blank,
                                            config.ddim_steps, config.probe_size, track.probe_seed, track.pooled,
-                                           blank_pooled, time_ids, track.contexts if config.context_share else None)
+                                           blank_pooled, track.contexts if config.context_share else None)
                 track.take_snapshot()
     try:
         while live := live_tracks(tracks, dense, config):
             started = time.monotonic()
-            batch = sample_batch(unet, runtime, live, blank, alphas_cumprod, config, blank_pooled, time_ids)
+            batch = sample_batch(call, runtime, live, blank, config, blank_pooled)
             if dense:
-                result = dense_step(unet, runtime, tracks[0], batch, config)
+                result = dense_step(call, runtime, tracks[0], batch, config)
             else:
-                result = decoupled_step(unet, runtime, live, batch, config)
+                result = decoupled_step(call, runtime, live, batch, config)
             apply_step(result, dense, config)
             record(result, time.monotonic() - started, config.stop_on)
             for track in result.owners:
-                probe_check(unet, runtime, track, config)
+                probe_check(call, runtime, track, config)
             bar.update(1)
             bar.set_postfix({t.concept.name: progress_text(t, config) for t in result.owners})
             checkpoints.save_if_due(result.owners[0].stop.steps)

@@ -3,10 +3,15 @@
 Generated once per concept prompt with fixed seeds and cached on disk (PNGs to look at, the exact
 latents in safetensors, and a manifest), so reruns and other modes reuse them; or read from a
 user folder with one sub-folder per concept name.
+
+FLUX / SD3: the latents are what the pipeline's `output_type="latent"` returns, the space the transformer
+denoises in (`(vae latent - shift_factor) * scaling_factor`; FLUX: packed, `pipe._pack_latents`), made by the
+pipeline itself at `config.resolution` (default: its own size) and `text.text_sequence_length(pipe)` T5 tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -23,6 +28,10 @@ from tqdm.auto import tqdm
 from ..errors import TrainingError
 from ..fingerprint import fingerprint
 from ..generation import Job, generate_batched
+from ..loader import erasure_runtime
+from ..mmdit import denoiser, is_transformer
+from ..text import text_sequence_length
+from .denoise import is_flux
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -31,20 +40,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "blank"
 
 
-def pipeline_resolution(pipe: Any) -> int:
-    """The pipeline's image size in pixels (UNet sample size times the VAE's scale)."""
-    return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+def pipeline_resolution(pipe: Any, config: Any = None) -> int:
+    """The pipeline's image size in pixels: UNet sample size times the VAE's scale; FLUX / SD3:
+    `config.resolution`, else the pipeline's default size."""
+    if not is_transformer(denoiser(pipe)):
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    chosen = getattr(config, "resolution", None)
+    return int(chosen) if chosen is not None else int(pipe.default_sample_size * pipe.vae_scale_factor)
 
 
 def _manifest(pipe: Any, prompt: str, config: Any) -> dict[str, Any]:
-    return {
+    manifest = {
         "prompt": prompt,
         "seeds": [config.seed * 1000 + k for k in range(config.images_per_concept)],
         "steps": config.reference_steps,
         "guidance_scale": config.guidance_scale,
-        "resolution": pipeline_resolution(pipe),
+        "resolution": pipeline_resolution(pipe, config),
         "base_model": fingerprint(pipe)["digest"],
     }
+    if is_transformer(denoiser(pipe)):
+        manifest["max_sequence_length"] = text_sequence_length(pipe)
+    return manifest
 
 
 def _cached(folder: Path | None, manifest: dict[str, Any]) -> torch.Tensor | None:
@@ -60,7 +76,15 @@ def _cached(folder: Path | None, manifest: dict[str, Any]) -> torch.Tensor | Non
 def _store(pipe: Any, latents: torch.Tensor, manifest: dict[str, Any], folder: Path) -> None:
     """PNGs to look at, the exact latents and the manifest that says what they are."""
     folder.mkdir(parents=True, exist_ok=True)
-    images = pipe.vae.decode(latents.to(pipe.vae.device, pipe.vae.dtype) / pipe.vae.config.scaling_factor)
+    latents = latents.to(pipe.vae.device, pipe.vae.dtype)
+    if is_transformer(denoiser(pipe)):  # FLUX / SD3: unpack (FLUX), unscale, unshift
+        if latents.ndim == 3:
+            size = manifest["resolution"]
+            latents = type(pipe)._unpack_latents(latents, size, size, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+        images = pipe.vae.decode(latents)
+    else:
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
     pixels = ((images.sample.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
     for seed, image in zip(manifest["seeds"], pixels.numpy()):
         Image.fromarray(image).save(folder / f"{seed}.png")
@@ -81,8 +105,11 @@ def generate_references(pipe: Any, prompts: Sequence[str], config: Any, folders:
     jobs = [Job(prompts[i], seed) for i in missing for seed in manifests[i]["seeds"]]
     with tqdm(total=len(jobs), desc="reference images", unit="img", disable=not progress or not jobs,
               leave=False) as bar:
-        made = generate_batched(pipe, jobs, config.reference_steps, config.guidance_scale, batch_size,
-                                output_type="latent", on_batch=bar.update)
+        if is_transformer(denoiser(pipe)):
+            made = flow_references(pipe, jobs, config, batch_size, on_batch=bar.update)
+        else:
+            made = generate_batched(pipe, jobs, config.reference_steps, config.guidance_scale, batch_size,
+                                    output_type="latent", on_batch=bar.update)
     offset = 0
     for i in missing:
         count = len(manifests[i]["seeds"])
@@ -93,25 +120,62 @@ def generate_references(pipe: Any, prompts: Sequence[str], config: Any, folders:
     return found  # type: ignore[return-value]
 
 
+@torch.no_grad()
+def flow_references(pipe: Any, jobs: Sequence[Job], config: Any, batch_size: int = 16,
+                    on_batch: Any = None) -> list[torch.Tensor]:
+    """FLUX / SD3: the latents of each job's image (`output_type="latent"`; FLUX: packed), by the original model
+    (no eraser active, whatever is loaded), `batch_size` images of one prompt per pipeline call, each from its
+    own `torch.Generator` seeded with the job's seed."""
+    size, length = pipeline_resolution(pipe, config), text_sequence_length(pipe)
+    runtime = erasure_runtime(pipe)
+    made: list[torch.Tensor] = []
+    for first in range(0, len(jobs), batch_size):
+        part = list(jobs[first : first + batch_size])
+        groups: dict[str, list[Job]] = {}
+        for job in part:
+            groups.setdefault(job.prompt, []).append(job)
+        by_job: dict[int, torch.Tensor] = {}
+        for prompt, group in groups.items():
+            plan = runtime.per_row([]) if runtime is not None else contextlib.nullcontext()
+            with plan:
+                latents = pipe(prompt=[prompt] * len(group), height=size, width=size,
+                               num_inference_steps=config.reference_steps, guidance_scale=config.guidance_scale,
+                               generator=[torch.Generator().manual_seed(job.seed) for job in group],
+                               max_sequence_length=length, output_type="latent").images
+            for job, latent in zip(group, latents):
+                by_job[id(job)] = latent
+        made += [by_job[id(job)] for job in part]
+        if on_batch is not None:
+            on_batch(len(part))
+    return made
+
+
 def generate_reference(pipe: Any, prompt: str, config: Any, folder: Path | None) -> torch.Tensor:
     """Latents of `images_per_concept` images of `prompt` by the original model (cached in `folder`)."""
     return generate_references(pipe, [prompt], config, [folder])[0]
 
 
 @torch.no_grad()
-def encode_images(pipe: Any, paths: Sequence[Path]) -> torch.Tensor:
-    """VAE latents (mean, scaled) of user images, resized to the pipeline's resolution."""
-    size = pipeline_resolution(pipe)
+def encode_images(pipe: Any, paths: Sequence[Path], config: Any = None) -> torch.Tensor:
+    """VAE latents (mean, scaled) of user images, resized to the pipeline's resolution (FLUX / SD3: shifted
+    as their pipelines do; FLUX: packed)."""
+    size = pipeline_resolution(pipe, config)
     arrays = []
     for path in paths:
         with Image.open(path) as image:
             arrays.append(np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32))
     pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
     latents = pipe.vae.encode(pixels.to(pipe.vae.device, pipe.vae.dtype)).latent_dist.mean
-    return (latents * pipe.vae.config.scaling_factor).float().cpu()
+    if not is_transformer(denoiser(pipe)):
+        return (latents * pipe.vae.config.scaling_factor).float().cpu()
+    latents = (latents - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+    if is_flux(pipe):
+        latents = type(pipe)._pack_latents(latents, *latents.shape)
+    return latents.float().cpu()
 
 
-def user_latents(pipe: Any, concepts: Sequence[Any], user_folder: str | Path) -> dict[str, torch.Tensor]:
+def user_latents(pipe: Any, concepts: Sequence[Any], user_folder: str | Path,
+                 config: Any = None) -> dict[str, torch.Tensor]:
     """Latents of the user's images, one sub-folder per concept name (all checked before any is read)."""
     root = Path(user_folder)
     files = {}
@@ -123,7 +187,7 @@ def user_latents(pipe: Any, concepts: Sequence[Any], user_folder: str | Path) ->
                                 f"has no images ({', '.join(IMAGE_SUFFIXES)}); give one sub-folder per "
                                 f"concept name, or omit reference_images to generate them")
         files[concept.name] = found
-    return {concept.name: encode_images(pipe, files[concept.name]) for concept in concepts}
+    return {concept.name: encode_images(pipe, files[concept.name], config) for concept in concepts}
 
 
 def reference_latents(
@@ -134,14 +198,15 @@ def reference_latents(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Latents `x_0` per concept name, on the UNet's device and dtype.
+    """Latents `x_0` per concept name, on the denoiser's device and dtype.
 
     A user folder must hold one sub-folder of images per concept name; this is checked for
     every concept before any image is read or generated.
     """
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    device, dtype = denoiser(pipe).device, denoiser(pipe).dtype
     if user_folder is not None:
-        return {name: latents.to(device, dtype) for name, latents in user_latents(pipe, concepts, user_folder).items()}
+        return {name: latents.to(device, dtype)
+                for name, latents in user_latents(pipe, concepts, user_folder, config).items()}
     folders = [Path(cache_dir) / f"{_slug(c.prompt)}-{hashlib.sha256(c.prompt.encode()).hexdigest()[:8]}"
                if cache_dir is not None else None for c in concepts]
     latents = generate_references(pipe, [c.prompt for c in concepts], config, folders, progress=progress)

@@ -4,6 +4,10 @@ The step is far cheaper than the paper's (two model copies, 2 frozen + 2 trainab
 concept): one UNet serves as frozen model (erasers inactive) and edited model (erasers active);
 text embeddings are computed once; frozen passes run without a graph; and all concepts share one
 batched UNet call, the processor applying a different increment per row.
+
+The model is reached only through a denoiser call (`denoise.py`: `call(x_t, t, text, pooled)` and its noise
+schedule `call.schedule`), so the same steps train UNet erasers on noise predictions and FLUX / SD3 erasers on
+velocities.
 """
 
 from __future__ import annotations
@@ -14,9 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from ..runtime import ErasureRuntime
-from ..text import added_conditions
 from .config import TrainConfig
-from .harness import compute_dtype, noisy_latents
+from .harness import noisy_latents
 from .objective import balance_weights, correlation_loss, l1_norm_per_layer, relative_correlation, target_loss
 from .track import ConceptTrack
 
@@ -29,22 +32,18 @@ class Batch:
     timesteps: torch.Tensor
     concept_text: torch.Tensor
     blank_text: torch.Tensor
-    eps_blank: torch.Tensor  # eps(theta, x_t, c_0)
+    eps_blank: torch.Tensor  # eps(theta, x_t, c_0) (FLUX / SD3: the velocity v(theta, x_t, c_0))
     original: torch.Tensor  # D(c_i, theta) = eps(theta, x_t, c_i) - eps(theta, x_t, c_0)
-    # SDXL's added conditions (None for SD v1 / v2): pooled text of the concept and blank rows, the time ids
+    # the pooled text of the concept and blank rows (SDXL, FLUX, SD3; None for SD v1 / v2)
     concept_pooled: torch.Tensor | None = None
     blank_pooled: torch.Tensor | None = None
-    time_ids: torch.Tensor | None = None
 
-    def added(self, rows: slice | None = None, blank: bool = True) -> dict:
-        """The UNet's `added_cond_kwargs` for the concept rows (`rows`), followed by the blank rows if `blank`;
-        `{}` without added conditions."""
-        if self.concept_pooled is None or self.time_ids is None:
-            return {}
+    def pooled(self, rows: slice | None = None, blank: bool = True) -> torch.Tensor | None:
+        """The pooled rows of the concept rows (`rows`), followed by the blank rows if `blank`; None without."""
+        if self.concept_pooled is None:
+            return None
         pooled = self.concept_pooled if rows is None else self.concept_pooled[rows]
-        if blank:
-            pooled = torch.cat([pooled, self.blank_pooled])
-        return added_conditions(pooled, self.time_ids, self.x_t.dtype, self.x_t.device)
+        return torch.cat([pooled, self.blank_pooled]) if blank else pooled
 
 
 @dataclass
@@ -59,13 +58,12 @@ class StepResult:
     relatives: list[float]  # per owner: rho, the relative correlation (the default stop sees it)
 
 
-def _concept_and_blank(unet, x_t: torch.Tensor, timesteps: torch.Tensor, concept_text: torch.Tensor,
-                       blank_text: torch.Tensor, **added: dict) -> torch.Tensor:
-    """`eps(., x_t, c_i)` and `eps(., x_t, c_0)` in one UNet call (concept rows first; `added`: SDXL's
-    `added_cond_kwargs` for those rows)."""
-    sample = unet(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([concept_text, blank_text]),
-                  **added)
-    return sample.sample.to(compute_dtype(unet.dtype))
+def _concept_and_blank(call, x_t: torch.Tensor, timesteps: torch.Tensor, concept_text: torch.Tensor,
+                       blank_text: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """`eps(., x_t, c_i)` and `eps(., x_t, c_0)` in one denoiser call (concept rows first; `pooled`: the pooled
+    text of those rows, or None)."""
+    return call(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), torch.cat([concept_text, blank_text]),
+                pooled)
 
 
 def text_row(track: ConceptTrack, index: int, config: TrainConfig) -> torch.Tensor:
@@ -78,38 +76,37 @@ def text_row(track: ConceptTrack, index: int, config: TrainConfig) -> torch.Tens
     return track.contexts[int(torch.randint(len(track.contexts), (1,), generator=track.generator))]
 
 
-def sample_batch(unet, runtime: ErasureRuntime, live: Sequence[ConceptTrack], blank: torch.Tensor,
-                 alphas_cumprod: torch.Tensor, config: TrainConfig, blank_pooled: torch.Tensor | None = None,
-                 time_ids: torch.Tensor | None = None) -> Batch:
-    """Draw `x_t` for each live concept and run the frozen model (same UNet, no eraser active, no graph).
+def sample_batch(call, runtime: ErasureRuntime, live: Sequence[ConceptTrack], blank: torch.Tensor,
+                 config: TrainConfig, blank_pooled: torch.Tensor | None = None) -> Batch:
+    """Draw `x_t` for each live concept and run the frozen model (same denoiser, no eraser active, no graph).
 
-    `blank_pooled` (`1 x d_pool`) and `time_ids` (`1 x k`): SDXL's added conditions (each track's `pooled`
-    gives its rows'); None for SD v1 / v2."""
-    device, dtype = unet.device, unet.dtype
-    samples = [noisy_latents(t.latents, t.generator, alphas_cumprod, config.ddim_steps, device) for t in live]
+    `blank_pooled` (`1 x d_pool`): the blank row's pooled text (each track's `pooled` gives its rows'); None for
+    SD v1 / v2."""
+    device, dtype = call.model.device, call.model.dtype
+    samples = [noisy_latents(t.latents, t.generator, call.schedule, config.ddim_steps, device) for t in live]
     x_t = torch.cat([s[0] for s in samples])
     timesteps = torch.tensor([s[1] for s in samples], device=device)
     # each reference image pairs with the embedding of the prompt it was made from
     concept_text = torch.stack([text_row(t, s[2], config) for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
     blank_text = blank.expand(len(live), -1, -1)
     pooled = None
-    if blank_pooled is not None and time_ids is not None:
+    if blank_pooled is not None:
         pooled = torch.stack([t.pooled[s[2]] for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
         blank_pooled = blank_pooled.to(device=device, dtype=dtype).expand(len(live), -1)
-    batch = Batch(x_t, timesteps, concept_text, blank_text, x_t, x_t, pooled, blank_pooled, time_ids)
+    batch = Batch(x_t, timesteps, concept_text, blank_text, x_t, x_t, pooled, blank_pooled)
     with torch.no_grad(), runtime.per_row([None] * (2 * len(live))):
-        eps_concept, eps_blank = _concept_and_blank(unet, x_t, timesteps, concept_text, blank_text,
-                                                    **batch.added()).chunk(2)
+        eps_concept, eps_blank = _concept_and_blank(call, x_t, timesteps, concept_text, blank_text,
+                                                    batch.pooled()).chunk(2)
     batch.eps_blank, batch.original = eps_blank, eps_concept - eps_blank
     return batch
 
 
-def dense_step(unet, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch, config: TrainConfig) -> StepResult:
+def dense_step(call, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch, config: TrainConfig) -> StepResult:
     """Alg. 1 (G-CiRs): one dense increment for every live concept, `sum_i eta_i L_cor_i + lambda ||dW||_1 / M`
     (Eq. 2-3). A dense increment changes the blank prompt's prediction too, so both edited passes learn."""
     with runtime.per_row([shared.concept.name] * (2 * len(batch.x_t))):
-        edited = _concept_and_blank(unet, batch.x_t, batch.timesteps, batch.concept_text, batch.blank_text,
-                                    **batch.added())
+        edited = _concept_and_blank(call, batch.x_t, batch.timesteps, batch.concept_text, batch.blank_text,
+                                    batch.pooled())
     edited_concept, edited_blank = edited.chunk(2)
     losses = correlation_loss(batch.original, edited_concept - edited_blank)
     rho = float(relative_correlation(batch.original, edited_concept - edited_blank).mean())
@@ -123,13 +120,13 @@ def dense_step(unet, runtime: ErasureRuntime, shared: ConceptTrack, batch: Batch
     return StepResult([shared], values, [combined], [float(regulariser.detach())], float(objective.detach()), [rho])
 
 
-def _decoupled_pass(unet, runtime: ErasureRuntime, part: Sequence[ConceptTrack], rows: slice, batch: Batch,
+def _decoupled_pass(call, runtime: ErasureRuntime, part: Sequence[ConceptTrack], rows: slice, batch: Batch,
                     config: TrainConfig) -> tuple[list[float], list[float], float, list[float]]:
     """One graph pass for some concepts: backpropagate `L_cor_i + lambda ||w_i||_1 / M` of each (Eq. 2, 11)."""
     with runtime.per_row([t.concept.name for t in part]):
-        edited = unet(batch.x_t[rows], batch.timesteps[rows], batch.concept_text[rows],
-                      **batch.added(rows, blank=False)).sample
-    direction = edited.to(compute_dtype(unet.dtype)) - batch.eps_blank[rows]  # D(c_i, theta + dW_i)
+        edited = call(batch.x_t[rows], batch.timesteps[rows], batch.concept_text[rows],
+                      batch.pooled(rows, blank=False))
+    direction = edited - batch.eps_blank[rows]  # D(c_i, theta + dW_i)
     losses = correlation_loss(batch.original[rows], direction)
     relatives = [float(r) for r in relative_correlation(batch.original[rows], direction)]
     regularisers = [l1_norm_per_layer(t.parameters) for t in part]
@@ -147,7 +144,7 @@ def _decoupled_pass(unet, runtime: ErasureRuntime, part: Sequence[ConceptTrack],
             relatives)
 
 
-def decoupled_step(unet, runtime: ErasureRuntime, live: list[ConceptTrack], batch: Batch,
+def decoupled_step(call, runtime: ErasureRuntime, live: list[ConceptTrack], batch: Batch,
                    config: TrainConfig) -> StepResult:
     """Alg. 2 (SepME): each concept its own objective `L_cor_i + lambda ||w_i||_1 / M` (Eq. 2, 11).
 
@@ -160,7 +157,7 @@ def decoupled_step(unet, runtime: ErasureRuntime, live: list[ConceptTrack], batc
     chunk = config.concepts_per_pass or len(live)
     for first in range(0, len(live), chunk):
         part_values, part_regularisers, part_objective, part_relatives = _decoupled_pass(
-            unet, runtime, live[first : first + chunk], slice(first, first + chunk), batch, config)
+            call, runtime, live[first : first + chunk], slice(first, first + chunk), batch, config)
         values, regularisers = values + part_values, regularisers + part_regularisers
         objective, relatives = objective + part_objective, relatives + part_relatives
     return StepResult(live, values, values, regularisers, objective, relatives)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..eraser import Eraser
-from ..unet import POOLED_LAYER
+from ..mmdit import POOLED_LAYERS
 from .concepts import Concept
 from .config import TrainConfig
 from .objective import MomentumStop
@@ -46,14 +46,14 @@ class ConceptTrack:
     @property
     def parameters(self) -> list[torch.Tensor]:
         """The trained `w`s (rank r: `B`s, then the `A`s), in the optimiser's order; SDXL's pooled increment is
-        solved, not trained (`training/pooled.py`)."""
-        trained = [w for layer, w in self.eraser.weights.items() if layer != POOLED_LAYER]
-        return [*trained, *(a for layer, a in self.eraser.down.items() if layer != POOLED_LAYER)]
+        solved, not trained (`training/pooled.py`; FLUX / SD3's too)."""
+        trained = [w for layer, w in self.eraser.weights.items() if layer not in POOLED_LAYERS]
+        return [*trained, *(a for layer, a in self.eraser.down.items() if layer not in POOLED_LAYERS)]
 
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The trained tensors by a stable name (`w:<layer>`, `down:<layer>`), for snapshots."""
-        named = [(f"w:{layer}", w) for layer, w in self.eraser.weights.items() if layer != POOLED_LAYER]
-        return named + [(f"down:{layer}", a) for layer, a in self.eraser.down.items() if layer != POOLED_LAYER]
+        named = [(f"w:{layer}", w) for layer, w in self.eraser.weights.items() if layer not in POOLED_LAYERS]
+        return named + [(f"down:{layer}", a) for layer, a in self.eraser.down.items() if layer not in POOLED_LAYERS]
 
     def take_snapshot(self) -> None:
         """Remember the trained tensors as they are now (the probe stop returns here past its collateral bound)."""

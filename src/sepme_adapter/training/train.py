@@ -21,19 +21,20 @@ from ..basis import BasisChoice, choose_basis, contrastive_basis, pooled_basis
 from ..certificate import collateral_certificate, leakage_certificate
 from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
+from ..mmdit import CONTEXT_LAYER, denoiser, is_transformer, pooled_layer_path, transformer_pooled_layer
 from ..retain import RetainSet, first_row_after, fits, retain_prompts
 from ..runtime import ErasureRuntime
 from ..text import encode_prompts, encode_prompts_pooled, prompt_tokenizer, zeros_for_empty_prompt
-from ..unet import POOLED_LAYER, layer_weight, modified_layers, pooled_layer
+from ..unet import layer_weight, modified_layers, pooled_layer
 from .calibration import parameter_groups
 from .checkpoints import checkpoint_path, load_checkpoint
 from .concepts import Concept, check_concepts, derived_phrasings, prepare_concepts, template_stems
 from .config import MODES, TrainConfig
 from .containment import CollateralMeter, RetainEnergy
-from .harness import base_model_metadata, frozen_model, training_runtime, zero_weights
+from .harness import base_model_metadata, frozen_model, text_length_metadata, training_runtime, zero_weights
 from .loop import optimise
 from .pooled import pooled_increment
-from .reference import reference_latents
+from .reference import pipeline_resolution, reference_latents
 from .track import ConceptTrack
 
 
@@ -194,22 +195,22 @@ class TrainingRun:
 
     def track(self, planned: Planned) -> ConceptTrack:
         """A zero increment registered as a trainable eraser, and its track."""
-        dense, config = planned.dense, self.config
+        dense, config, model = planned.dense, self.config, denoiser(self.pipe)
         columns = None if dense else planned.basis.shape[1]
-        layers = modified_layers(self.pipe.unet, dense=dense)
+        layers = [CONTEXT_LAYER] if is_transformer(model) else modified_layers(model, dense=dense)
         rank = None if dense or config.rank is None or config.rank >= columns else config.rank
         weights = zero_weights(self.pipe, layers, columns if rank is None else rank)
         down = {} if rank is None else random_down(weights, rank, columns, config.seed, planned.index)
         solved = None
-        if planned.pooled_basis is not None:  # SDXL: solved in closed form, set once the attn2 increments are trained
-            like = next(iter(weights.values()))
-            w, a = pooled_increment(layer_weight(self.pipe.unet, POOLED_LAYER), planned.pooled_basis,
+        if planned.pooled_basis is not None:  # SDXL, FLUX, SD3: solved in closed form, set once the text increments
+            like, path = next(iter(weights.values())), pooled_layer_path(model)  # are trained
+            w, a = pooled_increment(layer_weight(model, path), planned.pooled_basis,
                                     self.texts.pooled[planned.concept.name], self.texts.unconditional_pooled,
                                     config.beta, rank)
             solved = w.to(device=like.device, dtype=like.dtype)
-            weights[POOLED_LAYER] = torch.zeros_like(solved)
+            weights[path] = torch.zeros_like(solved)
             if a is not None:
-                down[POOLED_LAYER] = a.to(device=like.device, dtype=like.dtype)
+                down[path] = a.to(device=like.device, dtype=like.dtype)
         eraser = Eraser(
             name=planned.concept.name, prompt=planned.concept.prompt, prompts=list(planned.concept.prompts),
             basis=planned.basis, weights=weights,
@@ -219,16 +220,16 @@ class TrainingRun:
         )
         self.runtime.add(planned.concept.name, eraser, trainable=True)
         source = planned.concept if planned.concept.name in self.latents else self.concepts[0]
-        groups = parameter_groups(self.pipe.unet, eraser, self.texts.concepts[source.name], config)
+        groups = parameter_groups(model, eraser, self.texts.concepts[source.name], config)
         track = ConceptTrack.start(planned.concept, eraser, groups, planned.index, config, *self.images(source))
         track.pooled_solution = solved
         if not dense and self.texts.retain is not None and config.containment > 0:
-            track.retain_energy = RetainEnergy.build(self.pipe.unet, eraser, self.texts.retain)
+            track.retain_energy = RetainEnergy.build(model, eraser, self.texts.retain)
         contexts = (self.texts.contexts or {}).get(planned.concept.name)
         if not dense and contexts is not None and self.texts.pooled is None:
             track.contexts = contexts
         if not dense and self.texts.held_out is not None:
-            track.collateral = CollateralMeter.build(self.pipe.unet, eraser, self.texts.held_out)
+            track.collateral = CollateralMeter.build(model, eraser, self.texts.held_out)
         return track
 
     def images(self, concept: Concept) -> tuple[torch.Tensor, ...]:
@@ -294,7 +295,7 @@ def run_groups(run: TrainingRun, groups: list[list[Planned]], checkpoint_root: P
                 folder = checkpoint_folder(checkpoint_root, g, tracks, dense, run.config, resume)
                 optimise(run.pipe, tracks, dense, run.config, run.texts.unconditional, folder, progress,
                          f"{'G-CiRs' if dense else 'SepME'} {'+'.join(t.concept.name for t in tracks)}",
-                         run.texts.unconditional_pooled)
+                         run.texts.unconditional_pooled, pipeline_resolution(run.pipe, run.config))
                 for track in tracks[:1] if run.shared_dense else tracks:
                     trained[track.concept.name] = track
     finally:
@@ -310,7 +311,7 @@ def finished_eraser(track: ConceptTrack, run: TrainingRun, base: dict[str, Any],
     eraser.weights = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.weights.items()}
     eraser.down = {k: v.detach().clone().requires_grad_(False) for k, v in eraser.down.items()}
     if track.pooled_solution is not None:  # the pooled increment, solved (training/pooled.py)
-        eraser.weights[POOLED_LAYER] = track.pooled_solution.detach().clone()
+        eraser.weights[pooled_layer_path(denoiser(run.pipe))] = track.pooled_solution.detach().clone()
     concepts = [p for c in run.concepts for p in c.prompts] if run.shared_dense else list(track.concept.prompts)
     eraser.metadata = {
         **base,
@@ -371,6 +372,32 @@ def reference_pairs(pipe: Any, concepts: list[Concept], config: TrainConfig, use
     return latents, pairing
 
 
+def check_family(pipe: Any, mode: str, config: TrainConfig) -> None:
+    """Refuse, naming them, the options that do not carry over to the pipeline's model family: on FLUX / SD3 the
+    dense increments (`gcirs`, `iterative`'s first step), rank-r training and the after-name rows (found with the
+    CLIP tokenizer; T5's rows do not line up with them); `resolution` on a UNet (its size is the UNet's)."""
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is None:
+        raise TrainingError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer`: train_erasers needs a "
+                            f"Stable Diffusion (v1, v2, XL), SD3 or FLUX pipeline")
+    if not is_transformer(denoiser(pipe)):
+        if config.resolution is not None:
+            raise TrainingError(f"TrainConfig.resolution (--resolution) is for FLUX / SD3 pipelines; "
+                                f"{type(pipe).__name__} trains at its UNet's sample size: leave it unset")
+        return
+    refused = []
+    if mode in ("gcirs", "iterative"):
+        refused.append(f"mode={mode!r} (dense G-CiRs increments)")
+    if config.rank is not None:
+        refused.append(f"rank={config.rank} (rank-r training)")
+    if config.after_name_weight:
+        refused.append(f"after_name_weight={config.after_name_weight} (--after-name-weight)")
+    if refused:
+        raise TrainingError(
+            f"{type(pipe).__name__}: training FLUX / SD3 erasers supports the separable full-rank increment on "
+            f"context_embedder (modes simultaneous / separate) only; not supported: {', '.join(refused)}. "
+            f"See docs/mmdit.md")
+
+
 def _check_run(mode: str, shard: tuple[int, int] | None, resume: bool, checkpoint_dir: Any) -> None:
     if mode not in MODES:
         raise TrainingError(f"mode must be one of {MODES}, got {mode!r}")
@@ -399,7 +426,8 @@ def train_erasers(
     """Train one eraser per concept (Alg. 1-2) and return them (not loaded onto the pipeline).
 
     Args:
-        pipe: a Stable Diffusion pipeline (the base model; left unchanged).
+        pipe: a Stable Diffusion (v1, v2, XL), SD3 or FLUX pipeline (the base model; left unchanged). FLUX / SD3
+            train on the flow-matching velocity (`denoise.py`), modes simultaneous / separate, full rank.
         concepts: what to erase: `"name"`, `"name=prompt"`, `Concept` (several prompts: `Concept(name,
             prompts=[...])`) or `(name, prompt)`; entries with the same name are one concept with all their prompts.
         known: concepts not erased now whose prompts every basis excludes (exact restoration).
@@ -422,13 +450,9 @@ def train_erasers(
         >>> erasers = train_erasers(pipe, ["vangogh=a painting by van gogh", "picasso=a painting by picasso"])
         >>> for e in erasers: e.save(f"{e.name}.safetensors")
     """
-    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
-        raise TrainingError(
-            f"training is not available for {type(pipe).__name__} yet: sepme-adapter trains erasers for Stable "
-            f"Diffusion v1 / v2 / XL UNets. FLUX and SD3 pipelines can load, toggle, fuse, verify and export "
-            f"erasers (see README, 'FLUX and SD3'), but the flow-matching training objective is not implemented")
     config = config or TrainConfig()
     config.validate()
+    check_family(pipe, mode, config)
     concepts, known, protected = prepare_concepts(concepts, known, protected)
     if config.derive_phrasings:
         tokenizer = prompt_tokenizer(pipe)
@@ -446,9 +470,10 @@ def train_erasers(
         prompt_tokenizer(pipe), [(c.name, c.prompts) for c in concepts], user=list(retain),
         vocabulary=config.retain_vocabulary, stems_per_prompt=config.retain_stems, seed=config.seed,
         contexts=config.name_contexts))
-    pooled = pooled_layer(pipe.unet)
+    model = denoiser(pipe)
+    pooled = transformer_pooled_layer(model) if is_transformer(model) else pooled_layer(model)
     plan = plan_bases(concepts, known, texts, mode, config, None if pooled is None else pooled.in_features)
-    base = base_model_metadata(pipe, runtime)
+    base = base_model_metadata(pipe, runtime) | text_length_metadata(pipe, texts.blank.shape[1])
     latents, pairing = reference_pairs(pipe, [concepts[i] for i in selected], config, reference_images, cache_dir,
                                        progress)
     run = TrainingRun(pipe, runtime, concepts, protected, mode, config, texts, latents, pairing)
