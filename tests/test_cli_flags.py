@@ -21,6 +21,7 @@ from sepme_adapter.training.config import TrainConfig
 REQUIRED = {
     "erase": ["--model", "m"],
     "eval": ["--model", "m"],
+    "attack": ["--erasers", "e.safetensors"],
     "train-classifier": ["--model", "m", "--concept", "a=b"],
     "verify": ["--model", "m", "--erasers", "e.safetensors"],
     "push": ["a.safetensors", "org/repo"],

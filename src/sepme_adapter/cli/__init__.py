@@ -23,6 +23,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "erase": ("erase", "train one eraser per concept (SepME / G-CiRs / ESD / ablation / FMN / UCE)"),
     "eval": ("evaluate", "paper-style accuracy / image-distance / ||dtheta||_p tables"),
+    "attack": ("attack", "adversarial prompts against erasers (UnlearnDiffAtk-style): attack success rate"),
     "train-classifier": ("train_classifier", "fit the paper's ResNet18-head style classifier"),
     "verify": ("verify", "check erasers act on their concept and leak nowhere else"),
     "push": ("push", "upload eraser files, LoRA exports and a model card to a Hugging Face Hub repo"),

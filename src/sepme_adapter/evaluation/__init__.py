@@ -14,6 +14,7 @@
 | `tables`, `grids` | the markdown tables (one builder), results files, image grids |
 | `methods` | `evaluate_methods`: several methods' erasers side by side |
 | `classifiers`, `style_classifier` | classifier specs; the paper's ResNet18-head style classifier |
+| `attack` | robustness under attack: an UnlearnDiffAtk-style adversarial prompt search (discrete tokens and a continuous upper bound) and the attack success rate (`sepme attack`; import `sepme_adapter.evaluation.attack`) |
 
 Evaluation imports the core only (never training, baselines or the demo): callers pass the demo's
 classifier and prompts in.
