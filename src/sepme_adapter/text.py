@@ -43,7 +43,9 @@ def uses_added_conditions(unet: Any) -> bool:
 
 def _call_default(pipe: Any, name: str) -> Any:
     """The default of one `pipe.__call__` / `pipe.encode_prompt` argument (None where neither has it)."""
-    for method in (pipe.__call__, pipe.encode_prompt):
+    for method in (getattr(pipe, "__call__", None), getattr(pipe, "encode_prompt", None)):
+        if method is None:
+            continue
         parameter = inspect.signature(method).parameters.get(name)
         if parameter is not None and parameter.default is not inspect.Parameter.empty:
             return parameter.default
@@ -63,8 +65,10 @@ def t5_tokenizer(pipe: Any) -> Any:
 def text_sequence_length(pipe: Any) -> int | None:
     """The `max_sequence_length` SepME encodes FLUX / SD3 prompts with (and the pipeline must be called with):
     the pipeline's default, capped by the T5 tokenizer's `model_max_length`. None for SD v1 / v2 / XL."""
+    if getattr(pipe, "transformer", None) is None:
+        return None
     default = _call_default(pipe, "max_sequence_length")
-    if default is None or getattr(pipe, "transformer", None) is None:
+    if default is None:
         return None
     tokenizer = t5_tokenizer(pipe)
     limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
