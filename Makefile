@@ -13,7 +13,7 @@ demo: .venv/.installed
 	.venv/bin/sepme demo
 
 test: .venv/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers (one per core), each test file on one of them
 
 lint: .venv/.installed
 	.venv/bin/ruff check src tests examples benchmarks
