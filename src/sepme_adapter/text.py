@@ -43,7 +43,7 @@ def uses_added_conditions(unet: Any) -> bool:
 
 def _call_default(pipe: Any, name: str) -> Any:
     """The default of one `pipe.__call__` / `pipe.encode_prompt` argument (None where neither has it)."""
-    for method in (getattr(pipe, "__call__", None), getattr(pipe, "encode_prompt", None)):
+    for method in (pipe.__call__ if callable(pipe) else None, getattr(pipe, "encode_prompt", None)):
         if method is None:
             continue
         parameter = inspect.signature(method).parameters.get(name)
