@@ -93,6 +93,23 @@ def recording(pipe):
     return pipe
 
 
+def first_block_inputs(pipe, run) -> dict[str, torch.Tensor]:
+    """FLUX / SD3: what the first joint block reads while `run()` calls the transformer: the context rows
+    (`context_embedder`'s output, `"context"`) and `temb` (time and pooled text, through `time_text_embed`)."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["context"] = kwargs["encoder_hidden_states"].detach().clone()
+        seen["temb"] = kwargs["temb"].detach().clone()
+
+    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
 def unet_output(pipe, prompt="a painting by van gogh"):
     text, pooled = encode_prompts_pooled(pipe, [prompt, ""])
     with torch.no_grad():

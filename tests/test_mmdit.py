@@ -18,7 +18,7 @@ from sepme_adapter.text import encode_prompts_pooled, text_sequence_length
 from sepme_adapter.training import train_erasers
 from sepme_adapter.verify import verify_eraser
 
-from .helpers import CONCEPTS, PROTECTED
+from .helpers import CONCEPTS, PROTECTED, first_block_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 
@@ -75,18 +75,7 @@ def transformer_output(pipe, prompts=("a painting by van gogh", "")):
 def context_rows(pipe, prompts):
     """What the first joint block reads: the context rows (`context_embedder`'s output) and `temb` (time and
     pooled text, through `time_text_embed`)."""
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen["context"] = kwargs["encoder_hidden_states"].detach().clone()
-        seen["temb"] = kwargs["temb"].detach().clone()
-
-    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        transformer_output(pipe, prompts)
-    finally:
-        handle.remove()
-    return seen
+    return first_block_inputs(pipe, lambda: transformer_output(pipe, prompts))
 
 
 def test_the_tiny_pipelines_encode_as_the_pipeline_does(kind):

@@ -24,6 +24,8 @@ from sepme_adapter.training.denoise import FlowSchedule
 from sepme_adapter.training.harness import noisy_latents
 from sepme_adapter.training.reference import reference_latents
 
+from .helpers import first_block_inputs
+
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
 
 BUILDERS = {"flux": tiny_flux_pipeline, "sd3": tiny_sd3_pipeline}
@@ -64,17 +66,7 @@ def velocity(pipe, prompts, **kwargs):
 
 def context_rows(pipe, prompts):
     """What the first joint block reads: the context rows (`context_embedder`'s output) and `temb`."""
-    seen = {}
-
-    def record(module, args, kwargs):
-        seen["context"], seen["temb"] = kwargs["encoder_hidden_states"].clone(), kwargs["temb"].clone()
-
-    handle = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        velocity(pipe, prompts)
-    finally:
-        handle.remove()
-    return seen
+    return first_block_inputs(pipe, lambda: velocity(pipe, prompts))
 
 
 def relative(after, before):
