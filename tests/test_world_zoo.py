@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.worlds import ZOO, World, load_world  # noqa: E402
-from benchmarks.worlds.spec import PLAIN, make_spec, render_array  # noqa: E402
+from benchmarks.worlds.spec import PLAIN, TEXTURE_KINDS, make_spec, render_array  # noqa: E402
 
 from sepme_adapter.testing.tokenizer import write_word_tokenizer  # noqa: E402
 
@@ -46,7 +46,9 @@ def test_spec_is_a_function_of_the_seed(tmp_path):
 def test_spec_ranges(seed):
     spec = make_spec(seed)
     assert 64 <= spec.text_width <= 256 and 8 <= spec.max_tokens <= 24 and 1 <= spec.text_layers <= 3
-    assert 3 <= len(spec.objects) <= 4 and 3 <= len(spec.styles) <= 4
+    assert len(spec.objects) == 3 and len(spec.styles) == 3  # format 4: six concepts
+    assert {p["kind"] for p in spec.styles.values()} <= set(TEXTURE_KINDS) and "grid" not in TEXTURE_KINDS
+    assert all(p["value_b"] <= 0.45 for p in spec.styles.values())  # a dark second colour: contrast
     assert len(set(spec.objects) | set(spec.styles) | {PLAIN}) == len(spec.objects) + len(spec.styles) + 1
     for templates in (spec.object_templates, spec.style_templates):
         assert 2 <= len(templates) <= 4  # the first is canonical, the rest are held-out phrasings
