@@ -110,3 +110,54 @@ def test_sdxl_batches_equal_images_made_alone_in_float64():
     images = generate_batched(xl, jobs, steps=2, guidance_scale=5.0, batch_size=6, output_type="np")
     worst = max(float(np.abs(image - standalone(xl, job, 2, 5.0)).max()) for job, image in zip(jobs, images))
     assert worst <= 1e-10, worst
+
+
+@pytest.mark.parametrize("guidance_scale", [4.0, 1.0])
+def test_flux_batches_equal_plain_flux_calls_in_float64(guidance_scale):
+    """On FLUX, `guidance_scale` is true classifier-free guidance against the blank prompt (FluxPipeline's own
+    `guidance_scale` only feeds guidance-distilled transformers): each batched image equals a plain per-prompt
+    `FluxPipeline` call with `true_cfg_scale` and `negative_prompt=""`, the same seed and the job's erasers set."""
+    import sepme_adapter
+    from sepme_adapter.generation import pipeline_arguments, uses_guidance
+    from sepme_adapter.testing import tiny_flux_pipeline
+    from sepme_adapter.testing.conformance import random_eraser
+
+    flux = sepme_adapter.attach(tiny_flux_pipeline()).to(torch.float64)
+    for i, name in enumerate(NAMES):
+        flux.load_sepme(random_eraser(flux, name, CONCEPTS, ["watermark"], seed=i, scale=20000.0, pooled=True,
+                                      dtype=torch.float64), erase=False)
+    assert uses_guidance(flux, guidance_scale) == (guidance_scale > 1)
+    jobs = [Job(p, seed, subset) for p in list(CONCEPTS.values())[:2] for seed in (0, 1) for subset in SUBSETS]
+    size = dict(height=16, width=16)
+    images = generate_batched(flux, jobs, steps=2, guidance_scale=guidance_scale, batch_size=5, output_type="np",
+                              **size)
+    worst = 0.0
+    for job, image in zip(jobs, images):
+        flux.set_erased(list(job.erased))
+        guidance = dict(true_cfg_scale=guidance_scale, negative_prompt="") if guidance_scale > 1 else {}
+        alone = flux(job.prompt, generator=torch.Generator().manual_seed(job.seed), num_inference_steps=2,
+                     max_sequence_length=8, output_type="np", **size, **guidance).images[0]
+        flux.set_erased([])
+        worst = max(worst, float(np.abs(image - alone).max()))
+    assert worst <= 1e-10, worst
+    original = {(j.prompt, j.seed): im for j, im in zip(jobs, images) if not j.erased}
+    changed = [float(np.abs(im - original[(j.prompt, j.seed)]).max()) for j, im in zip(jobs, images)
+               if j.erased == ("vangogh",) and j.prompt == CONCEPTS["vangogh"]]
+    assert min(changed) > 1e-3  # not vacuous: the erasers change their concept's images
+    if guidance_scale > 1:  # and guidance is applied: the unguided images differ
+        unguided = generate_batched(flux, jobs[:1], steps=2, guidance_scale=1.0, output_type="np", **size)[0]
+        assert float(np.abs(unguided - images[0]).max()) > 1e-3
+    assert pipeline_arguments(flux, guidance_scale, 2) == {
+        "guidance_scale": guidance_scale, "max_sequence_length": 8,
+        **({"true_cfg_scale": guidance_scale, "negative_prompt": ["", ""]} if guidance_scale > 1 else {})}
+
+
+def test_guidance_distilled_flux_keeps_its_guidance_embedding():
+    """A FLUX transformer with a guidance embedding (FLUX.1-dev) gets `guidance_scale` as before, no true CFG."""
+    from sepme_adapter.generation import pipeline_arguments, uses_guidance
+    from sepme_adapter.testing import tiny_flux_pipeline, tiny_pipeline
+
+    distilled = tiny_flux_pipeline(guidance_embeds=True)
+    assert pipeline_arguments(distilled, 3.5, 2) == {"guidance_scale": 3.5, "max_sequence_length": 8}
+    assert not uses_guidance(distilled, 3.5)
+    assert pipeline_arguments(tiny_pipeline(), 7.5, 2) == {"guidance_scale": 7.5}  # SD: as it always was

@@ -15,6 +15,7 @@ on `add_embedding.linear_1`. Why not the joint blocks' `add_k_proj` / `add_v_pro
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -46,6 +47,12 @@ def denoiser(pipe: Any) -> nn.Module:
         raise TypeError(f"{type(pipe).__name__} has neither a `unet` nor a `transformer`; SepME needs a Stable "
                         f"Diffusion (v1, v2, XL), SD3 or FLUX pipeline")
     return unet
+
+
+def is_flux(pipe: Any) -> bool:
+    """A FLUX pipeline (packed latents): a transformer called with `img_ids` / `txt_ids`."""
+    model = denoiser(pipe)
+    return is_transformer(model) and "txt_ids" in inspect.signature(model.forward).parameters
 
 
 def family(model: nn.Module) -> str:

@@ -10,7 +10,10 @@ and the classifiers that tell which concept a generated image shows.
 The assets are built by `python -m sepme_adapter.demo.build` (see `build.py`). `model="sdxl"` gives the
 SDXL-architecture world (`StableDiffusionXLPipeline`: two text encoders, pooled embeddings and time ids
 through `add_embedding`), built by `python -m sepme_adapter.demo.build --model sdxl`, judged by the same
-classifiers.
+classifiers; `model="flux"` the FLUX-architecture one (`FluxPipeline`: CLIP's pooled embedding and T5's rows
+into a `FluxTransformer2DModel` trained with flow matching; sample it with `true_cfg_scale` and a blank
+`negative_prompt`, or through `generation.generate_batched`, which passes them), built by
+`python -m sepme_adapter.demo.build --model flux`.
 """
 
 from __future__ import annotations
@@ -61,36 +64,48 @@ __all__ = [
     "render_array",
     "sample_caption",
     "sample_caption_batch",
+    "world_sized",
 ]
 
 
-def _require(path: Path) -> Path:
+def _require(path: Path, model: str = "sd") -> Path:
     if not path.exists():
+        command = "python -m sepme_adapter.demo.build" + ("" if model == "sd" else f" --model {model}")
         raise FileNotFoundError(
             f"demo asset {path} is missing: the demo worlds ship with the source repository, not the wheel "
-            f"(clone it and run `make demo`), or build them with `python -m sepme_adapter.demo.build`"
+            f"(clone it and run `make demo`), or build it with `{command}`"
         )
     return path
 
 
-MODELS = ("sd", "sdxl")
-"""The demo worlds: SD v1 architecture (`StableDiffusionPipeline`) and SDXL's (`StableDiffusionXLPipeline`)."""
+MODELS = ("sd", "sdxl", "flux")
+"""The demo worlds: SD v1 architecture (`StableDiffusionPipeline`), SDXL's (`StableDiffusionXLPipeline`) and
+FLUX's (`FluxPipeline`)."""
+PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux": "FluxPipeline"}
 
 
 def pipeline_path(model: str = "sd") -> str:
-    """The folder of the demo's pipeline (a `save_pretrained` layout) for `model` ("sd" or "sdxl")."""
+    """The folder of the demo's pipeline (a `save_pretrained` layout) for `model` ("sd", "sdxl" or "flux")."""
     if model not in MODELS:
         raise ValueError(f"the demo worlds are {MODELS}, got {model!r}")
-    return str(_require(ASSETS / "pipeline" if model == "sd" else ASSETS / "sdxl" / "pipeline"))
+    return str(_require(ASSETS / "pipeline" if model == "sd" else ASSETS / model / "pipeline", model))
+
+
+def world_sized(pipe: Any) -> Any:
+    """`pipe`, drawing the demo world's 32x32 images by default: a FLUX pipeline's default size is not in its
+    folder (`FluxPipeline` sets `default_sample_size` 128, 1024 pixels), so it is set here; others unchanged."""
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe, "default_sample_size"):
+        pipe.default_sample_size = IMAGE_SIZE // pipe.vae_scale_factor
+    return pipe
 
 
 def load_pipeline(model: str = "sd", **kwargs: Any):
-    """The demo's `StableDiffusionPipeline` ("sd") or `StableDiffusionXLPipeline` ("sdxl"), `from_pretrained(
-    pipeline_path(model), **kwargs)`: 32x32 images, CPU-friendly."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The demo's `StableDiffusionPipeline` ("sd"), `StableDiffusionXLPipeline` ("sdxl") or `FluxPipeline`
+    ("flux"), `from_pretrained(pipeline_path(model), **kwargs)`: 32x32 images, CPU-friendly."""
+    import diffusers
 
-    cls = StableDiffusionPipeline if model == "sd" else StableDiffusionXLPipeline
-    return cls.from_pretrained(pipeline_path(model), **kwargs)
+    path = pipeline_path(model)
+    return world_sized(getattr(diffusers, PIPELINE_CLASSES[model]).from_pretrained(path, **kwargs))
 
 
 def load_classifiers() -> dict[str, ConceptClassifier]:

@@ -8,6 +8,10 @@ original model, drift of restored concepts), held-out paraphrases never used in 
 judged for both halves. Every image goes through one batched engine (`generate_batched`: prompts,
 seeds and erased subsets mixed in each pipeline call). Writes an image grid, `results.md` and
 `results.json` to the output folder and prints the tables.
+
+The same story runs on the SDXL and FLUX demo worlds (`model="sdxl"` / `"flux"`). On FLUX the erasers train with
+flow matching (increments on `context_embedder` and the pooled `time_text_embed` layer) and `GUIDANCE` is true
+classifier-free guidance against the blank prompt, for the reference images and the evaluation alike.
 """
 
 from __future__ import annotations
@@ -129,9 +133,9 @@ def run_demo(out: str | Path = "sepme-demo", quick: bool = False, seeds: int | N
 
     `threads`: torch CPU threads (None: torch's default, one per core). `quick`: 4 seeds, one held-out
     phrasing and one composition template per concept, `QUICK_ITERATIONS` per eraser and `QUICK_STEPS` sampler
-    steps (a smoke run). `model`: the demo world, "sd" or
-    "sdxl" (the SDXL architecture; same renderer, concepts and classifiers). `pooled_increment=False`:
-    SDXL erasers without their pooled increment (`attn2` only), to measure what the pooled path carries.
+    steps (a smoke run). `model`: the demo world, "sd", "sdxl" or "flux" (the SDXL or FLUX architecture; same
+    renderer, concepts and classifiers). `pooled_increment=False`: SDXL / FLUX erasers without their pooled
+    increment (`attn2` / `context_embedder` only), to measure what the pooled path carries.
     """
     started = time.monotonic()
     out = Path(out)

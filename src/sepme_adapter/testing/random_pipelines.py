@@ -208,12 +208,14 @@ def t5_word_tokenizer(words: Sequence[str], max_length: int) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def _t5_encoder(tokenizer: T5Tokenizer, width: int) -> T5EncoderModel:
-    """A 2-layer random `T5EncoderModel` for `tokenizer`, `width` wide, in eval mode (no dropout, as loaded)."""
+def t5_encoder(tokenizer: T5Tokenizer, width: int, layers: int = 2, heads: int = 4, ff_width: int | None = None
+               ) -> T5EncoderModel:
+    """A random `T5EncoderModel` for `tokenizer`, `width` wide (`layers` blocks of `heads` heads, feed-forward
+    `ff_width`, default `2 * width`), in eval mode (no dropout, as loaded)."""
     return T5EncoderModel(T5Config(dropout_rate=0.0,
-        vocab_size=len(tokenizer), d_model=width, d_kv=width // 4, d_ff=2 * width, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), d_model=width, d_kv=width // heads, d_ff=ff_width or 2 * width, num_layers=layers,
+        num_heads=heads, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
     )).eval()
 
 
@@ -246,7 +248,7 @@ def tiny_flux_pipeline(
     text_encoder = _text_encoder(CLIPTextModel, tokenizer, clip_width, max_length)
     tokenizer_2 = t5_word_tokenizer(words, max_length)
     torch.manual_seed(seed + 3)
-    text_encoder_2 = _t5_encoder(tokenizer_2, text_width)
+    text_encoder_2 = t5_encoder(tokenizer_2, text_width)
     torch.manual_seed(seed + 1)
     vae = _flow_vae(latent_channels=1)
     torch.manual_seed(seed + 2)
@@ -288,7 +290,7 @@ def tiny_sd3_pipeline(
                                    projection_dim=clip_widths[1])
     tokenizer_3 = t5_word_tokenizer(words, max_length)
     torch.manual_seed(seed + 3)
-    text_encoder_3 = _t5_encoder(tokenizer_3, text_width)
+    text_encoder_3 = t5_encoder(tokenizer_3, text_width)
     torch.manual_seed(seed + 1)
     vae = _flow_vae(latent_channels=4)
     torch.manual_seed(seed + 2)

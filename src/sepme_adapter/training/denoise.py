@@ -21,7 +21,6 @@ scale, which the relative correlation `rho` and the bounded target divide out).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..mmdit import denoiser, is_transformer
+from ..mmdit import denoiser, is_flux, is_transformer
 from ..text import added_conditions, default_time_ids, uses_added_conditions
 from .harness import compute_dtype, noise_schedule
 
@@ -116,12 +115,6 @@ class FlowCall:
                              pooled_projections=pooled, encoder_hidden_states=text, txt_ids=txt_ids,
                              img_ids=self.img_ids.to(device=x_t.device, dtype=dtype), return_dict=False)[0]
         return out.to(compute_dtype(self.model.dtype))
-
-
-def is_flux(pipe: Any) -> bool:
-    """A FLUX pipeline (packed latents): a transformer called with `img_ids` / `txt_ids`."""
-    model = denoiser(pipe)
-    return is_transformer(model) and "txt_ids" in inspect.signature(model.forward).parameters
 
 
 def flux_image_ids(pipe: Any, resolution: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

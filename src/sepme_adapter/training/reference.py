@@ -6,7 +6,9 @@ user folder with one sub-folder per concept name.
 
 FLUX / SD3: the latents are what the pipeline's `output_type="latent"` returns, the space the transformer
 denoises in (`(vae latent - shift_factor) * scaling_factor`; FLUX: packed, `pipe._pack_latents`), made by the
-pipeline itself at `config.resolution` (default: its own size) and `text.text_sequence_length(pipe)` T5 tokens.
+pipeline itself at `config.resolution` (default: its own size) and `text.text_sequence_length(pipe)` T5 tokens,
+with `config.guidance_scale` as `generation.pipeline_arguments` passes it (FLUX without a guidance embedding: true
+classifier-free guidance against the blank prompt).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TrainingError
 from ..fingerprint import fingerprint
-from ..generation import Job, generate_batched
+from ..generation import Job, generate_batched, pipeline_arguments, uses_true_cfg
 from ..loader import erasure_runtime
 from ..mmdit import denoiser, is_transformer
 from ..text import text_sequence_length
@@ -60,6 +62,8 @@ def _manifest(pipe: Any, prompt: str, config: Any) -> dict[str, Any]:
     }
     if is_transformer(denoiser(pipe)):
         manifest["max_sequence_length"] = text_sequence_length(pipe)
+    if uses_true_cfg(pipe) and config.guidance_scale > 1:  # FLUX: guidance_scale is true CFG, not the embedding
+        manifest["true_cfg_scale"] = config.guidance_scale
     return manifest
 
 
@@ -126,7 +130,7 @@ def flow_references(pipe: Any, jobs: Sequence[Job], config: Any, batch_size: int
     """FLUX / SD3: the latents of each job's image (`output_type="latent"`; FLUX: packed), by the original model
     (no eraser active, whatever is loaded), `batch_size` images of one prompt per pipeline call, each from its
     own `torch.Generator` seeded with the job's seed."""
-    size, length = pipeline_resolution(pipe, config), text_sequence_length(pipe)
+    size = pipeline_resolution(pipe, config)
     runtime = erasure_runtime(pipe)
     made: list[torch.Tensor] = []
     for first in range(0, len(jobs), batch_size):
@@ -139,9 +143,10 @@ def flow_references(pipe: Any, jobs: Sequence[Job], config: Any, batch_size: int
             plan = runtime.per_row([]) if runtime is not None else contextlib.nullcontext()
             with plan:
                 latents = pipe(prompt=[prompt] * len(group), height=size, width=size,
-                               num_inference_steps=config.reference_steps, guidance_scale=config.guidance_scale,
+                               num_inference_steps=config.reference_steps,
                                generator=[torch.Generator().manual_seed(job.seed) for job in group],
-                               max_sequence_length=length, output_type="latent").images
+                               output_type="latent",
+                               **pipeline_arguments(pipe, config.guidance_scale, len(group))).images
             for job, latent in zip(group, latents):
                 by_job[id(job)] = latent
         made += [by_job[id(job)] for job in part]
