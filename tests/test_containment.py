@@ -6,7 +6,7 @@ import torch
 
 from sepme_adapter.basis import contrastive_basis, energy_gram, null_space_basis
 from sepme_adapter.certificate import collateral_certificate
-from sepme_adapter.retain import first_row_after, retain_prompts, stems, vocabulary_words
+from sepme_adapter.retain import anchor_prompt, first_row_after, retain_prompts, stems, vocabulary_words
 from sepme_adapter.text import encode_prompts
 from sepme_adapter.training import TrainConfig, train_erasers
 from sepme_adapter.training.concepts import Concept, derived_phrasings
@@ -89,6 +89,46 @@ def test_first_row_after_the_name(pipe):
         with_name = tokenizer(prefix + "vangogh")["input_ids"]
         assert start == len(with_name) - 1 and tokenizer(prompt)["input_ids"][: start] == with_name[:-1]
     assert first_row_after(tokenizer, "a painting", "vangogh") is None
+
+
+def test_the_anchor_is_the_prompt_with_the_name_cut_out():
+    assert anchor_prompt("a painting by vangogh", "vangogh") == "a painting by"
+    assert anchor_prompt("a cat by Van Gogh on a chair", "van_gogh") == "a cat by on a chair"
+    assert anchor_prompt("vangogh style", "vangogh") == "style"
+    assert anchor_prompt("a starry night", "vangogh") == ""  # not spelled: the blank prompt
+
+
+def test_the_anchor_objective_measures_from_each_rows_anchor(pipe, tmp_path):
+    from sepme_adapter.training.containment import Probes
+    from sepme_adapter.training.steps import text_row
+
+    seen = {}
+    draw = Probes.draw.__func__
+
+    def spy(cls, *args):  # the training loop passes every argument by position, the anchors last
+        seen["embedding"], seen["anchors"] = args[3], args[-1]
+        return draw(cls, *args)
+
+    Probes.draw = classmethod(spy)
+    try:
+        erasers = train(pipe, tmp_path, objective="anchor", context_share=0.5, erase_to=10.0)
+    finally:
+        Probes.draw = classmethod(draw)
+    anchors, contexts = seen["anchors"]
+    # one anchor per reference latent (the concept prompt without its name), one per name-in-context prompt
+    assert torch.equal(anchors, encode_prompts(pipe, ["a painting by"]).expand(len(seen["embedding"]), -1, -1))
+    assert contexts is not None and 1 <= len(contexts) <= QUICK["name_contexts"]  # those that fit the tokenizer
+    assert erasers[0].metadata["stats"]["stop_reason"] == "erased" and erasers[0].certificate <= 1e-5
+    # a training sample's text and its anchor come from the same prompt
+    config = TrainConfig(**{**QUICK, "objective": "anchor", "context_share": 1.0})
+
+    class Track:
+        embedding, anchors = seen["embedding"], seen["anchors"][0]
+        contexts, context_anchors = torch.arange(6.0).view(6, 1, 1), torch.arange(6.0).view(6, 1, 1) + 10
+        generator = torch.Generator().manual_seed(0)
+
+    row, anchor = text_row(Track, 0, config)
+    assert float(anchor) == float(row) + 10
 
 
 def test_the_target_loss_is_zero_exactly_at_the_reversed_direction():

@@ -43,7 +43,7 @@ from sepme_adapter.testing.tokenizer import write_word_tokenizer
 
 from .spec import WorldSpec, make_spec
 
-FORMAT = 4  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
+FORMAT = 5  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,13 @@ def stems(prompt: str, name: str) -> list[str]:
     return [" ".join(words[:i] + ["{}"] + words[i + 1:]) for i in range(len(words))] if len(words) > 1 else []
 
 
+def anchor_prompt(prompt: str, name: str) -> str:
+    """The prompt with its name cut out (`"a painting by pimsa"` -> `"a painting by"`): what the prompt says
+    without the concept, the anchor of `--objective anchor`; the blank prompt when the name is not spelled."""
+    span = name_span(prompt, name)
+    return "" if span is None else " ".join((prompt[: span[0]] + prompt[span[1]:]).split())
+
+
 def first_row_after(tokenizer: Any, prompt: str, name: str) -> int | None:
     """The index of the first text-encoder row after `name` in `prompt` (row 0 is the start token), or None when
     the name is not spelled. With a causal encoder these rows (the words after the name, the end and padding

@@ -12,7 +12,9 @@ from ..errors import TrainingError
 MODES = ("simultaneous", "separate", "iterative", "gcirs")
 STOP_STATISTICS = ("rho", "l_cor")
 BASES = ("exact", "contrastive")  # the paper's null space (Eq. 8), or its most concept-specific directions
-OBJECTIVES = ("correlation", "target")  # Eq. 2, or a bounded target D(c, theta + dW) = -g D(c, theta)
+# Eq. 2; a bounded target D(c, theta + dW) = -g D(c, theta); or the same target measured from the prompt without the
+# name (its anchor) instead of the blank prompt, so the rest of the prompt is kept
+OBJECTIVES = ("correlation", "target", "anchor")
 STOPS = ("probe", "momentum")  # fixed probes every k iterations, or the momentum statistic (Eq. 4)
 
 
@@ -159,8 +161,10 @@ class TrainConfig:
                                  "retain prompts (their mean squared relative key / value change, closed form); 0 "
                                  "turns it off")
     objective: str = setting("target", "--objective", "what training minimises: target (the concept's guidance "
-                             "direction reversed, bounded like ESD's negative guidance) or correlation (the paper's "
-                             "L_cor, Eq. 2, which has no minimum)", choices=OBJECTIVES)
+                             "direction reversed, bounded like ESD's negative guidance), anchor (the same, measured "
+                             "from the prompt with the name cut out instead of the blank prompt: only what the name "
+                             "adds is reversed) or correlation (the paper's L_cor, Eq. 2, which has no minimum)",
+                             choices=OBJECTIVES)
     negative_guidance: float = setting(1.0, "--negative-guidance", "with --objective target: how strongly the "
                                        "concept's direction is reversed (0: the concept prompt acts like the blank "
                                        "prompt)")

@@ -112,21 +112,27 @@ class Probes:
     @torch.no_grad()
     def draw(cls, call: Any, runtime: Any, latents: torch.Tensor, embedding: torch.Tensor, blank: torch.Tensor,
              ddim_steps: int, size: int, seed: int, pooled: torch.Tensor | None = None,
-             blank_pooled: torch.Tensor | None = None, contexts: torch.Tensor | None = None) -> Probes:
+             blank_pooled: torch.Tensor | None = None, contexts: torch.Tensor | None = None,
+             anchors: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> Probes:
         """`size` probes of the concept's reference latents (each paired with its prompt's `embedding` row and,
         on SDXL / FLUX / SD3, its `pooled` row), from a generator seeded with `seed` alone; with `contexts`, every
-        other probe pairs its latent with the name said in a random context instead."""
+        other probe pairs its latent with the name said in a random context instead. `anchors` (`--objective
+        anchor`): the anchor of each `embedding` row and of each context, measured from instead of `blank`."""
         generator = torch.Generator().manual_seed(seed)
         device, dtype = call.model.device, call.model.dtype
         samples = [noisy_latents(latents, generator, call.schedule, ddim_steps, device) for _ in range(size)]
         x_t = torch.cat([s[0] for s in samples]).to(dtype)
         timesteps = torch.tensor([s[1] for s in samples], device=device)
         rows = [embedding[s[2]] for s in samples]
+        bases = None if anchors is None else [anchors[0][s[2]] for s in samples]
         if contexts is not None and len(contexts):
             picks = torch.randint(len(contexts), (size,), generator=generator)
             rows = [contexts[int(picks[i])] if i % 2 else row for i, row in enumerate(rows)]
+            if bases is not None:
+                bases = [anchors[1][int(picks[i])] if i % 2 else row for i, row in enumerate(bases)]
         text = torch.stack(rows).to(device=device, dtype=dtype)
-        blank = blank.to(device=device, dtype=dtype).expand(size, -1, -1)
+        blank = blank.to(device=device, dtype=dtype).expand(size, -1, -1) if bases is None else \
+            torch.stack(bases).to(device=device, dtype=dtype)
         rows = both = None
         if pooled is not None and blank_pooled is not None:
             rows = torch.stack([pooled[s[2]] for s in samples]).to(device=device, dtype=dtype)

@@ -137,7 +137,9 @@ def optimise(pipe: Any, tracks: list[ConceptTrack], dense: bool, config: TrainCo
             if track.probes is None:
                 track.probes = Probes.draw(call, runtime, track.latents, track.embedding, blank,
                                            config.ddim_steps, config.probe_size, track.probe_seed, track.pooled,
-                                           blank_pooled, track.contexts if config.context_share else None)
+                                           blank_pooled, track.contexts if config.context_share else None,
+                                           None if track.anchors is None or config.objective != "anchor" else
+                                           (track.anchors, track.context_anchors))
                 track.take_snapshot()
     try:
         while live := live_tracks(tracks, dense, config):

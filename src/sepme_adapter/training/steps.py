@@ -66,14 +66,17 @@ def _concept_and_blank(call, x_t: torch.Tensor, timesteps: torch.Tensor, concept
                 pooled)
 
 
-def text_row(track: ConceptTrack, index: int, config: TrainConfig) -> torch.Tensor:
+def text_row(track: ConceptTrack, index: int, config: TrainConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The text a sample is paired with: its prompt's embedding, or with probability `context_share` the concept's
-    name said in a random context (`retain.py`), so the increment learns the name wherever it is said."""
+    name said in a random context (`retain.py`), so the increment learns the name wherever it is said; and that
+    text's anchor (`--objective anchor`: the same prompt with the name cut out), or None."""
+    anchors = track.anchors if config.objective == "anchor" else None
     if track.contexts is None or not config.context_share:
-        return track.embedding[index]
+        return track.embedding[index], None if anchors is None else anchors[index]
     if float(torch.rand((), generator=track.generator)) >= config.context_share:
-        return track.embedding[index]
-    return track.contexts[int(torch.randint(len(track.contexts), (1,), generator=track.generator))]
+        return track.embedding[index], None if anchors is None else anchors[index]
+    pick = int(torch.randint(len(track.contexts), (1,), generator=track.generator))
+    return track.contexts[pick], None if anchors is None else track.context_anchors[pick]
 
 
 def sample_batch(call, runtime: ErasureRuntime, live: Sequence[ConceptTrack], blank: torch.Tensor,
@@ -87,8 +90,11 @@ def sample_batch(call, runtime: ErasureRuntime, live: Sequence[ConceptTrack], bl
     x_t = torch.cat([s[0] for s in samples])
     timesteps = torch.tensor([s[1] for s in samples], device=device)
     # each reference image pairs with the embedding of the prompt it was made from
-    concept_text = torch.stack([text_row(t, s[2], config) for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
-    blank_text = blank.expand(len(live), -1, -1)
+    rows = [text_row(t, s[2], config) for t, s in zip(live, samples)]
+    concept_text = torch.stack([r[0] for r in rows]).to(device=device, dtype=dtype)
+    # the "blank" of D(c, .): the blank prompt, or each row's anchor (--objective anchor; decoupled steps only)
+    blank_text = blank.expand(len(live), -1, -1) if any(r[1] is None for r in rows) else \
+        torch.stack([r[1] for r in rows]).to(device=device, dtype=dtype)
     pooled = None
     if blank_pooled is not None:
         pooled = torch.stack([t.pooled[s[2]] for t, s in zip(live, samples)]).to(device=device, dtype=dtype)
@@ -131,7 +137,7 @@ def _decoupled_pass(call, runtime: ErasureRuntime, part: Sequence[ConceptTrack],
     relatives = [float(r) for r in relative_correlation(batch.original[rows], direction)]
     regularisers = [l1_norm_per_layer(t.parameters) for t in part]
     trained = losses
-    if config.objective == "target":
+    if config.objective in ("target", "anchor"):
         trained = target_loss(batch.original[rows], direction, config.negative_guidance)
     elif config.containment > 0:  # the correlation on the scale of rho, so the containment weight is unit-free
         trained = losses / batch.original[rows].flatten(1).pow(2).mean(1).detach().clamp_min(1e-30)

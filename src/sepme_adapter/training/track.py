@@ -35,6 +35,9 @@ class ConceptTrack:
     pooled_solution: torch.Tensor | None = None  # SDXL: the pooled increment's solved `w`, set when training ends
     # containment (training/containment.py): the retain penalty, the collateral meter, the probe stop
     contexts: torch.Tensor | None = None  # the name said in random contexts (n x L x d), trained on beside `embedding`
+    # --objective anchor: each `embedding` / `contexts` row's anchor (the same prompt with the name cut out)
+    anchors: torch.Tensor | None = None
+    context_anchors: torch.Tensor | None = None
     retain_energy: Any = None
     collateral: Any = None
     probes: Any = None

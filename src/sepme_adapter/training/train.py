@@ -22,7 +22,7 @@ from ..certificate import collateral_certificate, leakage_certificate
 from ..eraser import Eraser
 from ..errors import EmptyNullSpaceError, TrainingError
 from ..mmdit import CONTEXT_LAYER, denoiser, is_transformer, pooled_layer_path, transformer_pooled_layer
-from ..retain import RetainSet, first_row_after, fits, retain_prompts
+from ..retain import RetainSet, anchor_prompt, first_row_after, fits, retain_prompts
 from ..runtime import ErasureRuntime
 from ..text import encode_prompts, encode_prompts_pooled, prompt_tokenizer, zeros_for_empty_prompt
 from ..unet import layer_weight, modified_layers, pooled_layer
@@ -59,6 +59,9 @@ class PromptTexts:
     held_out_prompts: tuple[str, ...] = ()
     contexts: dict[str, torch.Tensor] | None = None  # name -> the name said in random contexts
     after_name: dict[str, list[torch.Tensor]] | None = None  # name -> each context's rows after the name
+    # --objective anchor: name -> the anchors (each prompt with the name cut out) of its prompts and of its contexts
+    anchors: dict[str, torch.Tensor] | None = None
+    context_anchors: dict[str, torch.Tensor] | None = None
 
     def add_retain(self, pipe: Any, retain: RetainSet) -> None:
         """Encode the retain prompts (training and held-out parts)."""
@@ -72,6 +75,12 @@ class PromptTexts:
             starts = [first_row_after(tokenizer, p, name) for p in prompts]
             self.after_name[name] = [rows[k:] for rows, k in zip(self.contexts[name], starts)
                                      if k is not None and k < rows.shape[0]]
+
+    def add_anchors(self, pipe: Any, concepts: list[Concept], retain: RetainSet) -> None:
+        """Encode the anchor of every concept prompt and every name-in-context prompt (`retain.anchor_prompt`)."""
+        self.anchors = {c.name: encode_prompts(pipe, [anchor_prompt(p, c.name) for p in c.prompts]) for c in concepts}
+        self.context_anchors = {name: encode_prompts(pipe, [anchor_prompt(p, name) for p in prompts])
+                                for name, prompts in retain.contexts.items()}
 
     @classmethod
     def encode(cls, pipe: Any, concepts: list[Concept], known: list[Concept], protected: list[str]) -> PromptTexts:
@@ -228,6 +237,9 @@ class TrainingRun:
         contexts = (self.texts.contexts or {}).get(planned.concept.name)
         if not dense and contexts is not None and self.texts.pooled is None:
             track.contexts = contexts
+        if not dense and self.texts.anchors is not None and self.texts.pooled is None:
+            track.anchors = self.texts.anchors[source.name][self.pairing[source.name]]  # one per reference latent
+            track.context_anchors = (self.texts.context_anchors or {}).get(planned.concept.name)
         if not dense and self.texts.held_out is not None:
             track.collateral = CollateralMeter.build(model, eraser, self.texts.held_out)
         return track
@@ -466,10 +478,13 @@ def train_erasers(
     # Everything that can fail on bad input happens before any image is generated.
     texts = PromptTexts.encode(pipe, concepts, known, protected)
     # the retain distribution (basis, containment term) and its held-out part (the collateral certificate)
-    texts.add_retain(pipe, retain_prompts(
+    retain_set = retain_prompts(
         prompt_tokenizer(pipe), [(c.name, c.prompts) for c in concepts], user=list(retain),
         vocabulary=config.retain_vocabulary, stems_per_prompt=config.retain_stems, seed=config.seed,
-        contexts=config.name_contexts))
+        contexts=config.name_contexts)
+    texts.add_retain(pipe, retain_set)
+    if config.objective == "anchor":
+        texts.add_anchors(pipe, concepts, retain_set)
     model = denoiser(pipe)
     pooled = transformer_pooled_layer(model) if is_transformer(model) else pooled_layer(model)
     plan = plan_bases(concepts, known, texts, mode, config, None if pooled is None else pooled.in_features)
