@@ -60,7 +60,7 @@ class BuildSettings:
     min_snr_gamma: float = 5.0  # Recipe.min_snr_gamma: low-noise steps teach little about the caption
     high_timestep_share: float = 0.0  # Recipe.high_timestep_share
     classifier_decoded_share: float = 0.5  # share of classifier training images passed through the autoencoder
-    classifier_steps: int = 800  # format 6 (200 before: the judge, not the denoiser, missed the gate)
+    classifier_steps: int = 800  # format 6 (see FORMAT)
     classifier_batch: int = 64
     gate_seeds: int = 20
     gate_steps: int = 20
