@@ -8,7 +8,7 @@ PY := .venv/bin/python
 	.venv/bin/pip install --quiet -e ".[dev]"
 	touch $@
 
-.PHONY: demo test lint
+.PHONY: demo test lint zoo
 demo: .venv/.installed
 	.venv/bin/sepme demo
 
@@ -17,3 +17,6 @@ test: .venv/.installed
 
 lint: .venv/.installed
 	.venv/bin/ruff check src tests examples benchmarks
+
+zoo: .venv/.installed  # build (or reuse) every world of benchmarks/worlds.ZOO; fails if a quality gate fails
+	$(PY) -m benchmarks.worlds zoo --jobs 2

@@ -136,6 +136,31 @@ def test_world_zoo_quick_prints_result(worlds_dir, tmp_path):
     assert any(line.startswith("TUNING ") for line in lines)
 
 
+@pytest.mark.slow
+def test_zoo_command_builds_or_reuses_and_checks_gates(worlds_dir, tmp_path, capsys):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SEPME_WORLDS_DIR": str(worlds_dir)}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.worlds", "zoo", "--quick", "--seeds", str(QUICK_SEED)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]  # a --quick gate is reported, not enforced
+    assert f"| {QUICK_SEED} | held-out-quick |" in out.stdout and "ZOO worlds=1 failed=0" in out.stdout
+    assert (worlds_dir / f"{QUICK_SEED}-quick" / "recipe.json").exists()
+
+    from benchmarks.worlds import build
+    from benchmarks.worlds.__main__ import zoo
+
+    for seed, passed in ((101, True), (102, False)):  # two built worlds, one below its gate: exit 1
+        folder = worlds_dir / str(seed)
+        folder.mkdir()
+        (folder / "world.json").write_text(json.dumps({"format": build.FORMAT}))
+        (folder / "recipe.json").write_text(json.dumps({"passed": passed, "build_cpu_s": 1.0, "quality_gate": {
+            "worst": 0.9 if passed else 0.6, "min_accuracy": 0.85}}))
+    capsys.readouterr()
+    assert zoo([101]) == 0
+    assert zoo([101, 102]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "| 102 | unlisted | 0.60 (>= 0.85) | no | 1.0 |" in lines and lines[-1] == "ZOO worlds=2 failed=1"
+
+
 def test_denoiser_loss_options():
     """Min-SNR-gamma weights (min(SNR, gamma) / SNR per sample) and the high-timestep share of the zoo's builds;
     the demo world's recipe (both off) is the plain epsilon MSE on uniform timesteps."""
