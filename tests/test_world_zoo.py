@@ -206,3 +206,50 @@ def test_classifier_learns_decoded_images():
     changed = [not torch.equal(a, b) for a, b in zip(mixed, raw)]
     assert 0 < sum(changed) < 16
     assert mixed.min() >= 0 and mixed.max() <= 1
+
+
+def test_decoded_latent_noise_and_faded_judges():
+    """Format 7's judges: `decoded(latent_noise=)` smudges the round trips (the same images are picked), and
+    `_fade` lowers contrast and saturation, and is the identity at scale 0."""
+    import torch
+    from benchmarks.worlds.build import decoded
+    from diffusers import AutoencoderKL
+
+    from sepme_adapter.demo import ASSETS
+    from sepme_adapter.demo.classifier import _fade
+
+    spec = make_spec(QUICK_SEED)
+    sample = spec.classifier_sampler("object")
+    vae = AutoencoderKL.from_pretrained(ASSETS / "pipeline" / "vae")
+    raw, _ = sample(16, np.random.default_rng(5))
+    clean, _ = decoded(sample, vae, 0.5)(16, np.random.default_rng(5))
+    noisy, _ = decoded(sample, vae, 0.5, latent_noise=0.5)(16, np.random.default_rng(5))
+    picked = [not torch.equal(a, b) for a, b in zip(clean, raw)]
+    assert picked == [not torch.equal(a, b) for a, b in zip(noisy, raw)] and any(picked)
+    assert all(not torch.equal(a, b) for a, b, p in zip(noisy, clean, picked) if p)
+    faded = _fade(raw, torch.Generator().manual_seed(0), 1.0)
+    assert faded.shape == raw.shape and faded.min() >= 0 and faded.max() <= 1
+    spread = lambda x: x.std(dim=(1, 2, 3))  # noqa: E731
+    assert (spread(faded) <= spread(raw) + 1e-6).all() and (spread(faded) < spread(raw)).any()
+    torch.testing.assert_close(_fade(raw, torch.Generator().manual_seed(0), 0.0), raw)
+
+
+@pytest.mark.slow
+def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
+    """A build into a folder holding a `DENOISER_FORMATS` world of the same recipe copies its denoiser and
+    redoes only the judges and the gate; another recipe trains its own."""
+    from dataclasses import replace
+
+    from benchmarks.worlds.build import FORMAT, QUICK, build_world
+
+    out = tmp_path / "w"
+    first = build_world(QUICK_SEED, out, QUICK)
+    unet = (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert first["denoiser_reused_from_format"] is None
+    again = build_world(QUICK_SEED, out, replace(QUICK, classifier_fade=0.2, classifier_steps=3))
+    assert again["denoiser_reused_from_format"] == FORMAT and again["timings"]["unet"] == first["timings"]["unet"]
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
+    assert again["settings"]["classifier_fade"] == 0.2
+    other = build_world(QUICK_SEED, out, replace(QUICK, unet_steps=QUICK.unet_steps + 1))
+    assert other["denoiser_reused_from_format"] is None
+    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet

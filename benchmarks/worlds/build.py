@@ -43,9 +43,12 @@ from sepme_adapter.testing.tokenizer import write_word_tokenizer
 
 from .spec import WorldSpec, make_spec
 
-FORMAT = 6  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
+FORMAT = 7  # bump when a build changes what a seed gives (cached worlds of another format are rebuilt)
 # Format 6: classifiers trained 800 steps, not 200 (format 5 worlds 12 / 13 at 40 gate seeds: worst 0.80 / 0.75 with
 # the 200-step judges, 0.875 / 0.90 with 800-step ones on the same images; benchmarks/README.md)
+# Format 7: the judges also learn faded renders and noisy latents (`classifier_fade`, `classifier_latent_noise`);
+# the denoiser is format 6's, so a cached format 6 world is re-judged, not retrained (`DENOISER_FORMATS`).
+DENOISER_FORMATS = (6, 7)  # formats whose denoiser a build of the same recipe reuses
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,8 @@ class BuildSettings:
     high_timestep_share: float = 0.0  # Recipe.high_timestep_share
     classifier_decoded_share: float = 0.5  # share of classifier training images passed through the autoencoder
     classifier_steps: int = 800  # format 6 (see FORMAT)
+    classifier_latent_noise: float = 0.5  # format 7: decoded latents get noise up to this share of their std
+    classifier_fade: float = 0.5  # format 7: `train_classifier(fade=)`
     classifier_batch: int = 64
     gate_seeds: int = 20
     gate_steps: int = 20
@@ -102,28 +107,36 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         torch.manual_seed(recipe.seed)
         text_encoder = random_text_encoder(recipe, tokenizer, spec.text_width)
     vae = AutoencoderKL.from_pretrained(DEMO_ASSETS / "pipeline" / "vae").eval().requires_grad_(False)
-    demo_unet = UNet2DConditionModel.from_pretrained(DEMO_ASSETS / "pipeline" / "unet")
-    noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                                    beta_schedule="scaled_linear")
-    with _timed(timings, "unet"):
-        unet, losses = train_unet(
-            recipe, vae, sd_conditioning(tokenizer, text_encoder), noise_scheduler,
-            np.random.default_rng([int(seed), 2]), warm_start=demo_unet.state_dict(), sample_batch=spec.sample_batch,
-        )
-    del demo_unet
-    scheduler = DDIMScheduler.from_pretrained(DEMO_ASSETS / "pipeline" / "scheduler")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(work / "pipeline", safe_serialization=True)
+    earlier = _reusable_denoiser(out, recipe)
+    if earlier is not None:  # same recipe, same denoiser: copy it (the build is deterministic)
+        shutil.copytree(out / "pipeline", work / "pipeline", dirs_exist_ok=True)
+        timings["unet"] = earlier["timings"]["unet"]
+        losses = [earlier["unet_loss_last_100"]]
+    else:
+        demo_unet = UNet2DConditionModel.from_pretrained(DEMO_ASSETS / "pipeline" / "unet")
+        noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                        beta_schedule="scaled_linear")
+        with _timed(timings, "unet"):
+            unet, losses = train_unet(
+                recipe, vae, sd_conditioning(tokenizer, text_encoder), noise_scheduler,
+                np.random.default_rng([int(seed), 2]), warm_start=demo_unet.state_dict(),
+                sample_batch=spec.sample_batch,
+            )
+        del demo_unet
+        scheduler = DDIMScheduler.from_pretrained(DEMO_ASSETS / "pipeline" / "scheduler")
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.save_pretrained(work / "pipeline", safe_serialization=True)
     with _timed(timings, "classifiers"):
         held_out = {}
         for i, (family, labels) in enumerate(spec.labels.items()):
             init = load_file(DEMO_ASSETS / "classifiers" / f"{family}.safetensors")
-            sampler = decoded(spec.classifier_sampler(family), vae, settings.classifier_decoded_share)
+            sampler = decoded(spec.classifier_sampler(family), vae, settings.classifier_decoded_share,
+                              settings.classifier_latent_noise)
             classifier = train_classifier(family, sampler, steps=settings.classifier_steps,
                                           batch_size=settings.classifier_batch, seed=int(seed) * 100 + 10 + i,
-                                          labels=labels, init=init)
+                                          labels=labels, init=init, fade=settings.classifier_fade)
             classifier.save(work / "classifiers")
             held_out[family] = held_out_accuracy(classifier, spec.classifier_sampler(family), 500,
                                                  int(seed) * 100 + 20 + i)
@@ -142,6 +155,7 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         "total_cpu_s": _cpu_total(timings),  # and the quality gate
         "total_wall_s": round(time.perf_counter() - wall, 1),
         "unet_loss_last_100": float(np.mean(losses[-100:])),
+        "denoiser_reused_from_format": None if earlier is None else earlier["format"],
         "classifier_held_out_accuracy": held_out,
         "quality_gate": gate,
         "passed": gate["passed"] and all(a >= 0.95 for a in held_out.values()),
@@ -154,9 +168,22 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
     return report
 
 
-def decoded(sample, vae: AutoencoderKL, share: float):
+def _reusable_denoiser(out: Path, recipe: Recipe) -> dict | None:
+    """The report of the world already in `out` when its denoiser is of a `DENOISER_FORMATS` build of this very
+    recipe (then only the classifiers and the gate are redone), else None."""
+    try:
+        report = json.loads((out / "recipe.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = report.get("format") in DENOISER_FORMATS and report.get("recipe") == json.loads(json.dumps(asdict(recipe)))
+    return report if same and (out / "pipeline" / "unet").is_dir() else None
+
+
+def decoded(sample, vae: AutoencoderKL, share: float, latent_noise: float = 0.0):
     """`sample` with a `share` of its images replaced by their autoencoder round trip: generated images are
-    decoded latents, so the classifier that judges them learns the decoder's blur too."""
+    decoded latents, so the classifier that judges them learns the decoder's blur too. `latent_noise`: each
+    round trip's latents first get Gaussian noise of a random strength up to that share of their std (the
+    smudges of an imperfect denoiser)."""
     if share <= 0:
         return sample
 
@@ -166,6 +193,10 @@ def decoded(sample, vae: AutoencoderKL, share: float):
         if pick.any():
             with torch.no_grad():
                 latents = vae.encode(_to_model(images[pick])).latent_dist.mean
+                if latent_noise > 0:
+                    amp = torch.from_numpy(rng.random((latents.shape[0], 1, 1, 1))).float() * latent_noise
+                    noise = torch.from_numpy(rng.standard_normal(latents.shape)).float()
+                    latents = latents + amp * latents.std() * noise
                 images = images.clone()
                 images[pick] = (vae.decode(latents).sample / 2 + 0.5).clamp(0, 1)
         return images, labels
