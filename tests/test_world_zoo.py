@@ -240,7 +240,9 @@ def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
     redoes only the judges and the gate; another recipe trains its own."""
     from dataclasses import replace
 
-    from benchmarks.worlds.build import FORMAT, QUICK, build_world
+    from benchmarks.worlds.build import FORMAT, QUICK, _reusable_denoiser, build_world
+
+    from sepme_adapter.demo.build import Recipe
 
     out = tmp_path / "w"
     first = build_world(QUICK_SEED, out, QUICK)
@@ -250,6 +252,6 @@ def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
     assert again["denoiser_reused_from_format"] == FORMAT and again["timings"]["unet"] == first["timings"]["unet"]
     assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
     assert again["settings"]["classifier_fade"] == 0.2
-    other = build_world(QUICK_SEED, out, replace(QUICK, unet_steps=QUICK.unet_steps + 1))
-    assert other["denoiser_reused_from_format"] is None
-    assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet
+    recipe = Recipe(**again["recipe"])
+    assert _reusable_denoiser(out, recipe) is not None
+    assert _reusable_denoiser(out, replace(recipe, unet_steps=recipe.unet_steps + 1)) is None  # trains its own
