@@ -49,7 +49,7 @@ FORMAT = 6  # bump when a build changes what a seed gives (cached worlds of anot
 # A format 7 was tried and not adopted: judges also trained on faded renders and noisy latents (`classifier_fade`,
 # `classifier_latent_noise` = 0.5) moved the gates of 11 / 13 / 15 / 17 / 18 / 19 / 20 from 0.60 / 0.90 / 0.80 /
 # 0.85 / 0.80 / 0.70 / 0.60 to 0.40 / 0.85 / 0.85 / 0.85 / 0.75 / 0.70 / 0.65 (benchmarks/README.md), so both stay 0.
-DENOISER_FORMATS = (6, 7)  # formats whose denoiser a build of the same recipe reuses (7: format 6's denoiser)
+DENOISER_FORMATS = (6, 7)  # formats whose denoiser a same-recipe build reuses; reset it when the denoiser changes
 
 
 @dataclass(frozen=True)
