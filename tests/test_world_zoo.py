@@ -209,7 +209,7 @@ def test_classifier_learns_decoded_images():
 
 
 def test_decoded_latent_noise_and_faded_judges():
-    """Format 7's judges: `decoded(latent_noise=)` smudges the round trips (the same images are picked), and
+    """The faded judges (an option, not the default): `decoded(latent_noise=)` smudges the round trips (the same images are picked), and
     `_fade` lowers contrast and saturation, and is the identity at scale 0."""
     import torch
     from benchmarks.worlds.build import decoded
