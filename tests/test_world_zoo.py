@@ -237,7 +237,7 @@ def test_decoded_latent_noise_and_faded_judges():
 @pytest.mark.slow
 def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
     """A build into a folder holding a `DENOISER_FORMATS` world of the same recipe copies its denoiser and
-    redoes only the judges and the gate; another recipe trains its own."""
+    redoes only the judges and the gate; another recipe or spec trains its own."""
     from dataclasses import replace
 
     from benchmarks.worlds.build import FORMAT, QUICK, _reusable_denoiser, build_world
@@ -253,5 +253,7 @@ def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
     assert (out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet
     assert again["settings"]["classifier_fade"] == 0.2
     recipe = Recipe(**again["recipe"])
-    assert _reusable_denoiser(out, recipe) is not None
-    assert _reusable_denoiser(out, replace(recipe, unet_steps=recipe.unet_steps + 1)) is None  # trains its own
+    spec = make_spec(QUICK_SEED)
+    assert _reusable_denoiser(out, recipe, spec) is not None
+    assert _reusable_denoiser(out, replace(recipe, unet_steps=recipe.unet_steps + 1), spec) is None  # trains its own
+    assert _reusable_denoiser(out, recipe, make_spec(QUICK_SEED + 1)) is None  # another world's denoiser
