@@ -50,7 +50,7 @@ FORMAT = 8  # bump when a build changes what a seed gives (cached worlds of anot
 # `classifier_latent_noise` = 0.5) moved the gates of 11 / 13 / 15 / 17 / 18 / 19 / 20 from 0.60 / 0.90 / 0.80 /
 # 0.85 / 0.80 / 0.70 / 0.60 to 0.40 / 0.85 / 0.85 / 0.85 / 0.75 / 0.70 / 0.65 (benchmarks/README.md), so both stay 0.
 # Format 8: no polygon, half-disk or dots glyphs (`spec.GLYPH_KINDS`), and the gate at 40 seeds, not 20: the minimum
-# over ~16 prompts of a 20-seed estimate fails a world whose prompts are all truly 0.92 about 7 times in 10.
+# over ~16 prompts of a 20-seed estimate fails a world whose prompts are all truly 0.92 about 7 times in 10 (5 at 40).
 DENOISER_FORMATS = (8,)  # formats whose denoiser a same-recipe build reuses; reset it when the denoiser changes
 
 
