@@ -178,8 +178,8 @@ def _reusable_denoiser(out: Path, recipe: Recipe, spec: WorldSpec) -> dict | Non
         report = json.loads((out / "recipe.json").read_text())
     except (OSError, ValueError):
         return None
-    same = (report.get("format") in DENOISER_FORMATS and report.get("spec") == json.loads(json.dumps(spec.to_json()))
-            and report.get("recipe") == json.loads(json.dumps(asdict(recipe))))
+    this = json.loads(json.dumps({"spec": spec.to_json(), "recipe": asdict(recipe)}))  # as the report stores them
+    same = report.get("format") in DENOISER_FORMATS and all(report.get(k) == v for k, v in this.items())
     return report if same and (out / "pipeline" / "unet").is_dir() else None
 
 

@@ -120,7 +120,7 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def _fade(images: torch.Tensor, generator: torch.Generator, scale: float) -> torch.Tensor:
     """Washed-out renders: contrast lowered toward the image mean, then colour toward grey, each by a random
-    share up to `scale` (an option of the zoo builds: world 20.s judges misread faded shapes as other shapes)."""
+    share up to `scale` (an option of the zoo builds: world 20's judges misread faded shapes as other shapes)."""
     n = images.shape[0]
     images = images.lerp(images.mean(dim=(2, 3), keepdim=True), torch.rand(n, 1, 1, 1, generator=generator) * scale)
     grey = images.mean(dim=1, keepdim=True).expand_as(images)
