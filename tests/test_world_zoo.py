@@ -257,3 +257,33 @@ def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
     assert _reusable_denoiser(out, recipe, spec) is not None
     assert _reusable_denoiser(out, replace(recipe, unet_steps=recipe.unet_steps + 1), spec) is None  # trains its own
     assert _reusable_denoiser(out, recipe, make_spec(QUICK_SEED + 1)) is None  # another world's denoiser
+
+
+def test_judges_train_together_on_one_trunk_and_load_as_plain_classifiers(tmp_path):
+    """`train_classifiers`: each batch is drawn once for both families; the two judges share the trunk, keep
+    their own heads, load back as plain `ConceptClassifier`s with the same logits, and each reads its own
+    family well above chance."""
+    import torch
+
+    from sepme_adapter.demo.classifier import ConceptClassifier, train_classifiers
+
+    spec = make_spec(QUICK_SEED)
+    draws = []
+
+    def sample(n, rng):
+        draws.append(n)
+        return spec.judge_sampler()(n, rng)
+
+    judges = train_classifiers(spec.labels, sample, steps=60, batch_size=32, seed=1)
+    assert list(judges) == ["object", "style"] and len(draws) == 60
+    trunks = [j.model.features.state_dict() for j in judges.values()]
+    assert all(torch.equal(trunks[0][k], trunks[1][k]) for k in trunks[0])
+    assert judges["object"].model.head.out_features == len(spec.labels["object"])
+    assert judges["style"].model.head.out_features == len(spec.labels["style"])
+    for family, judge in judges.items():
+        judge.save(tmp_path)
+        loaded = ConceptClassifier.load(tmp_path, family)
+        images, labels = spec.judge_sampler()(64, np.random.default_rng(9))
+        torch.testing.assert_close(loaded.logits(images), judge.logits(images), rtol=0, atol=0)
+        accuracy = np.mean([p == t for p, t in zip(loaded.predict(images), labels[family])])
+        assert accuracy > 1.5 / len(spec.labels[family]), (family, accuracy)

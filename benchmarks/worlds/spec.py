@@ -135,14 +135,24 @@ class WorldSpec:
             images.append(render_array(self, obj, style, rng))
         return CaptionBatch(to_tensor(images), captions, objects, styles)
 
+    def judge_sampler(self):
+        """Renders of random objects in random styles (or plain), labelled {"object": ..., "style": ...}."""
+
+        def sample(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, list[str]]]:
+            objects = [str(o) for o in rng.choice(list(self.objects), size=n)]
+            styles = [str(s) for s in rng.choice([*self.styles, PLAIN], size=n)]
+            images = to_tensor([render_array(self, o, s, rng) for o, s in zip(objects, styles)])
+            return images, {"object": objects, "style": styles}
+
+        return sample
+
     def classifier_sampler(self, family: str):
-        """Renders of random objects in random styles (or plain), labelled by `family`."""
+        """`judge_sampler`'s renders labelled by `family` only."""
+        both = self.judge_sampler()
 
         def sample(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
-            objects = rng.choice(list(self.objects), size=n)
-            styles = rng.choice([*self.styles, PLAIN], size=n)
-            images = to_tensor([render_array(self, str(o), str(s), rng) for o, s in zip(objects, styles)])
-            return images, [str(x) for x in (objects if family == "object" else styles)]
+            images, labels = both(n, rng)
+            return images, labels[family]
 
         return sample
 

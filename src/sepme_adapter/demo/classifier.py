@@ -6,6 +6,7 @@ for artist styles): accuracy on generated images measures whether a concept is s
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,30 +148,63 @@ def train_classifier(
 
     `labels`: the classes (default: the demo world's `LABELS[family]`); `init`: a state dict whose tensors
     of equal name and shape start the model (e.g. another world's classifier features); `fade`: see `_fade`
-    (0, the demo world's judges, draws nothing)."""
+    (0, the demo world's judges, draws nothing). `train_classifiers` with this one family, draw for draw."""
     labels = LABELS[family] if labels is None else tuple(labels)
-    index = {label: i for i, label in enumerate(labels)}
+
+    def sample_one(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, list[str]]]:
+        images, names = sample(n, rng)
+        return images, {family: names}
+
+    return train_classifiers({family: labels}, sample_one, steps, batch_size, width, lr, seed, init, fade)[family]
+
+
+def train_classifiers(
+    families: dict[str, Sequence[str]],
+    sample: Callable[[int, np.random.Generator], tuple[torch.Tensor, dict[str, list[str]]]],
+    steps: int,
+    batch_size: int = 64,
+    width: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+    init: dict[str, torch.Tensor] | None = None,
+    fade: float = 0.0,
+) -> dict[str, ConceptClassifier]:
+    """Classifiers of several `families` ({family: labels}) trained at once on the same batches: one
+    `ConceptCNN` trunk, a head per family, the sum of their cross-entropies. `sample(n, rng)` gives images and
+    {family: labels}, so each batch is drawn (rendered, round-tripped) once for all of them. Each classifier
+    is returned, and saved, as a plain `ConceptCNN` (the trunk copied into each). `init` starts the trunk and
+    the first family's head; `fade`: see `_fade`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = ConceptCNN(len(labels), width)
+    order = list(families)
+    index = {f: {label: i for i, label in enumerate(families[f])} for f in order}
+    model = ConceptCNN(len(families[order[0]]), width)
     if init is not None:
         own = model.state_dict()
         model.load_state_dict({k: v for k, v in init.items() if k in own and own[k].shape == v.shape}, strict=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    heads = {order[0]: model.head, **{f: nn.Linear(4 * width, len(families[f])) for f in order[1:]}}
+    parameters = [*model.parameters(), *(p for f in order[1:] for p in heads[f].parameters())]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
     model.train()
-    for _ in tqdm(range(steps), desc=f"{family} classifier"):
+    for _ in tqdm(range(steps), desc=f"{' + '.join(order)} classifier"):
         images, names = sample(batch_size, rng)
-        target = torch.tensor([index[n] for n in names])
         if fade > 0:
             images = _fade(images, generator, fade)
-        loss = nn.functional.cross_entropy(model(_augment(images, generator)), target)
+        features = model.features(_augment(images, generator) * 2.0 - 1.0)  # `ConceptCNN.forward`, trunk once
+        loss = sum(nn.functional.cross_entropy(heads[f](features), torch.tensor([index[f][n] for n in names[f]]))
+                   for f in order)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-    return ConceptClassifier(family, labels, model)
+    classifiers = {}
+    for f in order:
+        own = model if f == order[0] else copy.deepcopy(model)
+        own.head = heads[f]
+        classifiers[f] = ConceptClassifier(f, families[f], own)
+    return classifiers
 
 
 def held_out_accuracy(classifier: ConceptClassifier, sample: Sampler, count: int, seed: int) -> float:
