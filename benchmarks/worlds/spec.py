@@ -42,11 +42,15 @@ CODAS = ("", "", "", "n", "r", "l", "s", "m", "x", "k")
 
 # Format 8 dropped the "polygon", "halfdisk" and "dots" glyphs: every object below the gate in a format 6 world
 # was one of them (half disks 0.65-0.75 in worlds 14 / 19 / 20, pentagons 0.70-0.75 in 18 / 19, dots 0.45 in 11).
-GLYPH_KINDS = ("star", "ring", "crescent", "cross", "letter", "arrow", "bars")
+# Format 10 dropped "arrow" (0.80 / 0.825 in format 9 worlds 14 / 16), 4-point stars (0.725 in 11) and crosses
+# with arms under 0.31 (0.80 in 13, 0.85 in 12; arms of 0.31-0.35 gave 0.95-0.975).
+GLYPH_KINDS = ("star", "ring", "crescent", "cross", "letter", "bars")
 # Format 4 dropped "grid" (thin lines) and "sectors" from the textures: no 900-step denoiser drew them to the
 # quality gate (0.56-0.75). Format 5 dropped "gradient", "waves" and "dots", the styles below the gate in every
-# format 4 world that drew them (0.50-0.75); see benchmarks/README.md
-TEXTURE_KINDS = ("stripes", "checks", "noise", "rings")
+# format 4 world that drew them (0.50-0.75); see benchmarks/README.md. Format 10 dropped "rings", the weakest
+# style (or tied) in 5 of the 6 format 9 worlds (0.825-0.90, misread as plain), so each world paints its styles in the same three
+# kinds with their own hues, periods and angles.
+TEXTURE_KINDS = ("stripes", "checks", "noise")
 
 # Letters as strokes (segments in a [-1, 1] box, y down).
 LETTERS = {
@@ -194,14 +198,14 @@ def glyph_params(kind: str, rng: np.random.Generator) -> dict:
     if kind == "polygon":
         p["sides"] = int(rng.integers(3, 7))
     elif kind == "star":
-        p["points"] = int(rng.integers(4, 8))
+        p["points"] = int(rng.integers(5, 8))  # format 10: no 4-point stars
         p["inner"] = float(rng.uniform(0.35, 0.55))
     elif kind == "ring":
         p["inner"] = float(rng.uniform(0.45, 0.62))
     elif kind == "crescent":
         p["offset"] = float(rng.uniform(0.4, 0.6))
     elif kind == "cross":
-        p["arm"] = float(rng.uniform(0.25, 0.38))
+        p["arm"] = float(rng.uniform(0.31, 0.38))  # format 10: was 0.25-0.38
     elif kind == "letter":
         p["letter"] = str(rng.choice(sorted(LETTERS)))
         p["angle"] = float(rng.uniform(-0.3, 0.3))
@@ -364,7 +368,7 @@ def texture(p: dict, x: np.ndarray, y: np.ndarray, cx: float, cy: float, r: floa
         return (1 - w) * a + w * b
     elif kind == "noise":
         w = _value_noise(p["cells"] + 3, x, y, rng)
-        t = w > np.median(w)
+        t = w > np.median(w[np.hypot(x - cx, y - cy) <= r])  # format 10: both colours fill half the glyph's disc
     elif kind == "rings":
         t = (np.hypot(x - cx, y - cy) / period + rng.random()) % 1.0 < 0.5
     elif kind == "waves":
