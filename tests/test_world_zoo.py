@@ -83,6 +83,29 @@ def test_renderer():
                 assert np.abs(means[i] - means[j]).mean() > 0.01
 
 
+def test_format_10_glyphs_and_noise_split_at_the_glyphs_median():
+    """No arrows, 4-point stars or thin crosses; a noise style paints exactly half of the glyph's disc each colour."""
+    from benchmarks.worlds.spec import _X, _Y, GLYPH_KINDS, texture
+
+    assert "arrow" not in GLYPH_KINDS and "rings" not in TEXTURE_KINDS
+    noise = None
+    for seed in [*ZOO, 0, 1, 2, 3, 4, 5]:
+        spec = make_spec(seed)
+        for p in spec.objects.values():
+            assert p["kind"] != "star" or p["points"] >= 5
+            assert p["kind"] != "cross" or p["arm"] >= 0.31
+        noise = noise or next((p for p in spec.styles.values() if p["kind"] == "noise"), None)
+    assert noise is not None
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        cx, cy = rng.uniform(12.0, 20.0, size=2)  # as `render_array` draws them
+        r = rng.uniform(8.5, 11.0)
+        paint = texture(noise, _X, _Y, cx, cy, r, rng)
+        disc = paint[np.hypot(_X - cx, _Y - cy) <= r]
+        colours, counts = np.unique(disc, axis=0, return_counts=True)
+        assert len(colours) == 2 and abs(int(counts[0]) - int(counts[1])) <= 1, counts
+
+
 @pytest.fixture(scope="module")
 def worlds_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("worlds")

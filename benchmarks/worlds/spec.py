@@ -48,8 +48,8 @@ GLYPH_KINDS = ("star", "ring", "crescent", "cross", "letter", "bars")
 # Format 4 dropped "grid" (thin lines) and "sectors" from the textures: no 900-step denoiser drew them to the
 # quality gate (0.56-0.75). Format 5 dropped "gradient", "waves" and "dots", the styles below the gate in every
 # format 4 world that drew them (0.50-0.75); see benchmarks/README.md. Format 10 dropped "rings", the weakest
-# style (or tied) in 5 of the 6 format 9 worlds (0.825-0.90, misread as plain), so each world paints its styles in the same three
-# kinds with their own hues, periods and angles.
+# style (or tied) in 5 of the 6 format 9 worlds (0.825-0.90, misread as plain), so each world paints its styles
+# in the same three kinds with their own hues, periods and angles.
 TEXTURE_KINDS = ("stripes", "checks", "noise")
 
 # Letters as strokes (segments in a [-1, 1] box, y down).
