@@ -128,6 +128,9 @@ def test_quick_world_builds_and_loads(worlds_dir):
     assert recipe["build_cpu_s"] > 0 and "quality_gate" in recipe
     pipe = world.pipeline()
     assert pipe.text_encoder.config.hidden_size == spec.text_width == pipe.unet.config.cross_attention_dim
+    schedule = pipe.scheduler.config  # format 11: v-prediction, zero terminal SNR, trailing DDIM steps
+    assert (schedule.prediction_type, schedule.rescale_betas_zero_snr, schedule.timestep_spacing) == (
+        "v_prediction", True, "trailing")
     images = pipe(world.concepts[obj].prompt, num_inference_steps=2, output_type="pil").images
     assert len(world.classify(obj, images)) == 1
     assert load_world(QUICK_SEED, quick=True).concepts == world.concepts  # cached: no rebuild
@@ -200,6 +203,14 @@ def test_denoiser_loss_options():
     weighted = _weighted_mse(Recipe(min_snr_gamma=5.0), scheduler, prediction, noise, timesteps)
     assert torch.isclose(weighted.double(), expected, rtol=1e-6)
     assert weighted < _weighted_mse(plain, scheduler, prediction, noise, timesteps)  # low-noise steps count less
+    # v-prediction (the zoo's zero-terminal-SNR schedule): min(SNR, gamma) / (SNR + 1), finite at SNR = 0
+    v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction",
+                                            rescale_betas_zero_snr=True)
+    alpha_bar = v_scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    expected = ((snr.clamp(max=5.0) / (snr + 1)) * (prediction - noise).square().mean(dim=(1, 2, 3))).mean()
+    v_weighted = _weighted_mse(Recipe(min_snr_gamma=5.0), v_scheduler, prediction, noise, timesteps)
+    assert torch.isfinite(v_weighted) and torch.isclose(v_weighted.double(), expected, rtol=1e-6)
     generator = torch.Generator().manual_seed(0)
     assert (_draw_timesteps(Recipe(high_timestep_share=1.0), scheduler, 256, generator) >= 400).all()
     uniform = _draw_timesteps(plain, scheduler, 4096, generator)

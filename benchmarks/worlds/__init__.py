@@ -6,7 +6,7 @@ names, caption templates, word tokenizer and frozen random CLIP text encoder (wi
 are cached under `$SEPME_WORLDS_DIR` (default `~/.cache/sepme-adapter/worlds/<seed>/`), never committed.
 
     >>> from benchmarks.worlds import ZOO, load_world
-    >>> world = load_world(11)               # built on first use (~13 CPU minutes + 2-3 of gate), then cached
+    >>> world = load_world(11)               # built on first use (~8-13 CPU minutes + 1-3 of gate), then cached
     >>> pipe = world.pipeline()
     >>> c = next(iter(world.concepts.values()))
     >>> world.classify(c.name, pipe(c.prompt, num_inference_steps=20, guidance_scale=5.0).images)

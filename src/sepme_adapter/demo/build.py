@@ -341,15 +341,17 @@ def _draw_timesteps(recipe: Recipe, scheduler: DDPMScheduler, count: int, genera
     return timesteps
 
 
-def _weighted_mse(recipe: Recipe, scheduler: DDPMScheduler, prediction: torch.Tensor, noise: torch.Tensor,
+def _weighted_mse(recipe: Recipe, scheduler: DDPMScheduler, prediction: torch.Tensor, target: torch.Tensor,
                   timesteps: torch.Tensor) -> torch.Tensor:
-    """The epsilon MSE, per sample weighted by min(SNR, gamma) / SNR when `min_snr_gamma` > 0."""
+    """The MSE to `target` (epsilon, or v for a v-prediction `scheduler`), per sample weighted by Min-SNR when
+    `min_snr_gamma` > 0: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v."""
     if recipe.min_snr_gamma <= 0:
-        return torch.nn.functional.mse_loss(prediction, noise)
+        return torch.nn.functional.mse_loss(prediction, target)
     alpha_bar = scheduler.alphas_cumprod[timesteps]
     snr = alpha_bar / (1 - alpha_bar)
-    weight = snr.clamp(max=recipe.min_snr_gamma) / snr
-    per_sample = (prediction - noise).square().mean(dim=tuple(range(1, prediction.ndim)))
+    clamped = snr.clamp(max=recipe.min_snr_gamma)
+    weight = clamped / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else clamped / snr
+    per_sample = (prediction - target).square().mean(dim=tuple(range(1, prediction.ndim)))
     return (weight * per_sample).mean()
 
 
@@ -464,7 +466,9 @@ def train_unet(
         timesteps = _draw_timesteps(recipe, noise_scheduler, latents.shape[0], generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = model(noisy, timesteps, context, added_cond_kwargs=added).sample
-        return _weighted_mse(recipe, noise_scheduler, prediction, noise, timesteps)
+        v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+        return _weighted_mse(recipe, noise_scheduler, prediction, target, timesteps)
 
     total = recipe.sdxl_unet_steps if sdxl else recipe.unet_steps
     lr = recipe.sdxl_unet_lr if sdxl else recipe.unet_lr
