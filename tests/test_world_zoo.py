@@ -183,6 +183,22 @@ def test_zoo_command_builds_or_reuses_and_checks_gates(worlds_dir, tmp_path, cap
     assert "| 102 | unlisted | 0.60 (>= 0.85) | no | 1.0 |" in lines and lines[-1] == "ZOO worlds=2 failed=1"
 
 
+def test_build_set_overrides_parse_their_field_types():
+    """`python -m benchmarks.worlds build --set KEY=VALUE` parses each field by its type; `zero_snr=False` is
+    False (not `bool("False")`), and a bad key or value is refused before anything is built."""
+    from benchmarks.worlds.__main__ import main, with_overrides
+    from benchmarks.worlds.build import BuildSettings
+
+    settings = with_overrides(BuildSettings(), ["zero_snr=False", "unet_steps=12", "unet_lr=0.5"])
+    assert (settings.zero_snr, settings.unet_steps, settings.unet_lr) == (False, 12, 0.5)
+    assert with_overrides(settings, ["zero_snr=true"]).zero_snr is True
+    for bad in ("zero_snr=maybe", "unet_steps=many", "no_such_field=1"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            with_overrides(settings, [bad])
+        with pytest.raises(SystemExit):
+            main(["build", "--seed", "1", "--out", "/nonexistent/never-built", "--set", bad])
+
+
 def test_denoiser_loss_options():
     """Min-SNR-gamma weights (min(SNR, gamma) / SNR per sample) and the high-timestep share of the zoo's builds;
     the demo world's recipe (both off) is the plain epsilon MSE on uniform timesteps."""
@@ -284,9 +300,11 @@ def test_rebuild_reuses_the_denoiser_of_the_same_recipe(tmp_path):
     assert again["settings"]["classifier_fade"] == 0.2
     recipe = Recipe(**again["recipe"])
     spec = make_spec(QUICK_SEED)
-    assert _reusable_denoiser(out, recipe, spec) is not None
-    assert _reusable_denoiser(out, replace(recipe, unet_steps=recipe.unet_steps + 1), spec) is None  # trains its own
-    assert _reusable_denoiser(out, recipe, make_spec(QUICK_SEED + 1)) is None  # another world's denoiser
+    settings = replace(QUICK, classifier_fade=0.2, classifier_steps=3)
+    assert _reusable_denoiser(out, recipe, spec, settings) is not None
+    assert _reusable_denoiser(out, replace(recipe, unet_steps=recipe.unet_steps + 1), spec, settings) is None
+    assert _reusable_denoiser(out, recipe, make_spec(QUICK_SEED + 1), settings) is None  # another world's denoiser
+    assert _reusable_denoiser(out, recipe, spec, replace(settings, zero_snr=False)) is None  # another noise schedule
 
 
 def test_judges_train_together_on_one_trunk_and_load_as_plain_classifiers(tmp_path):

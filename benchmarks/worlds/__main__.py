@@ -53,6 +53,27 @@ def zoo(seeds: list[int], quick: bool = False, jobs: int = 1) -> int:
     return 1 if failed else 0
 
 
+def with_overrides(settings: BuildSettings, items: list[str]) -> BuildSettings:
+    """`settings` with each `KEY=VALUE` of `--set` applied (a bool takes true / false / 1 / 0); ValueError names
+    the bad item."""
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in BuildSettings.__dataclass_fields__:
+            raise ValueError(f"--set {item}: {key!r} is not a BuildSettings field")
+        kind = type(getattr(settings, key))
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--set {item}: {key} takes true or false")
+            parsed = value.lower() in ("true", "1")
+        else:
+            try:
+                parsed = kind(value)
+            except ValueError:
+                raise ValueError(f"--set {item}: {key} takes a {kind.__name__}") from None
+        settings = replace(settings, **{key: parsed})
+    return settings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.worlds", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,11 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return zoo(seeds, quick=args.quick, jobs=args.jobs)
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else BuildSettings()
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in BuildSettings.__dataclass_fields__:
-            parser.error(f"--set {item}: {key!r} is not a BuildSettings field")
-        settings = replace(settings, **{key: type(getattr(settings, key))(value)})
+    try:
+        settings = with_overrides(settings, args.set)
+    except ValueError as error:
+        parser.error(str(error))
     out = args.out or world_dir(args.seed, quick=args.quick)
     report = build_world(args.seed, out, settings)
     gate = report["quality_gate"]

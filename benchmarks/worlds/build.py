@@ -130,7 +130,7 @@ def build_world(seed: int, out: str | Path, settings: BuildSettings = BuildSetti
         torch.manual_seed(recipe.seed)
         text_encoder = random_text_encoder(recipe, tokenizer, spec.text_width)
     vae = AutoencoderKL.from_pretrained(DEMO_ASSETS / "pipeline" / "vae").eval().requires_grad_(False)
-    earlier = _reusable_denoiser(out, recipe, spec)
+    earlier = _reusable_denoiser(out, recipe, spec, settings)
     if earlier is not None:  # same recipe, same denoiser: copy it (the build is deterministic)
         shutil.copytree(out / "pipeline", work / "pipeline", dirs_exist_ok=True)
         timings["unet"] = earlier["timings"]["unet"]
@@ -197,15 +197,17 @@ def train_judges(folder: Path, spec: WorldSpec, vae: AutoencoderKL, settings: Bu
     return held_out
 
 
-def _reusable_denoiser(out: Path, recipe: Recipe, spec: WorldSpec) -> dict | None:
+def _reusable_denoiser(out: Path, recipe: Recipe, spec: WorldSpec, settings: BuildSettings) -> dict | None:
     """The report of the world already in `out` when its denoiser is of a `DENOISER_FORMATS` build of this very
-    recipe and spec (then only the classifiers and the gate are redone), else None."""
+    recipe, spec and noise schedule (`BuildSettings.zero_snr`; then only the classifiers and the gate are
+    redone), else None."""
     try:
         report = json.loads((out / "recipe.json").read_text())
     except (OSError, ValueError):
         return None
     this = json.loads(json.dumps({"spec": spec.to_json(), "recipe": asdict(recipe)}))  # as the report stores them
     same = report.get("format") in DENOISER_FORMATS and all(report.get(k) == v for k, v in this.items())
+    same = same and report.get("settings", {}).get("zero_snr") == settings.zero_snr
     return report if same and (out / "pipeline" / "unet").is_dir() else None
 
 
