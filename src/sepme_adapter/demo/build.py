@@ -458,6 +458,8 @@ def train_unet(
         unet.load_state_dict(shared, strict=False)
         print(f"[build] unet: warm start, {len(shared)} of {len(own)} tensors", flush=True)
 
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+
     def loss_of(model: torch.nn.Module, batch: CaptionBatch, generator: torch.Generator) -> torch.Tensor:
         with torch.no_grad():
             latents = vae.encode(_to_model(batch.images)).latent_dist.mean * vae.config.scaling_factor
@@ -466,7 +468,6 @@ def train_unet(
         timesteps = _draw_timesteps(recipe, noise_scheduler, latents.shape[0], generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = model(noisy, timesteps, context, added_cond_kwargs=added).sample
-        v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
         target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
         return _weighted_mse(recipe, noise_scheduler, prediction, target, timesteps)
 
